@@ -1,0 +1,27 @@
+# Two entry points, each creating or reusing .venv by itself:
+#   make quickstart   run the embedded demo (no network, no GPU)
+#   make test         run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: quickstart test lint bench
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+quickstart: $(STAMP)
+	$(VENV)/bin/lycoflow demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lycoflow lycoris callbacks tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/adapters.py

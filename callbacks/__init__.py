@@ -1,0 +1,1 @@
+"""Lightning callbacks of lycoflow: adapter export, prompt-suite generation, evaluation and logging."""

@@ -1,0 +1,372 @@
+"""The adapter contract: `Adapter` (one wrapped layer), `Network` (the adapters of one model), and
+`Strategy` (the configurable algorithm that builds them).
+
+An adapter never becomes a submodule of the model it adapts: it replaces the layer's ``forward`` with its
+own, so the model's module tree and state dict stay exactly as they were, and the network holds only
+adapter parameters. Adapter parameters are named as their LyCORIS file keys, so a network's
+``state_dict()`` *is* the file content (``<lycoris name>.<suffix>``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import kernel_size, layer_op, rank_mask, row_norm, weight_decompose
+from .targeting import PRESETS, Preset, lycoris_name, matches, supported_layers
+
+
+class Adapter(nn.Module):
+    """One adapted layer W0 → W0 + multiplier·ΔW.
+
+    Subclasses create their parameters under their LyCORIS key names and implement `_delta` (ΔW with the
+    scale applied once). They override `_forward` where a cheaper factored path than rebuilding the weight
+    exists, and implement `from_state_dict` to rebuild themselves from file tensors.
+
+    Args:
+        base: the layer to adapt (Linear, Conv1d or Conv2d).
+        dropout: elementwise dropout on the adapter's contribution while training.
+        rank_dropout: dropout over rank channels (output rows for weight-space algorithms) while training.
+        module_dropout: probability of skipping the whole adapter for a training step.
+        weight_decompose: DoRA: learn a per-output-row magnitude (``dora_scale``) on top of ΔW.
+    """
+
+    #: File suffixes whose presence identifies this algorithm (checked by `lycoris.load_file`).
+    signature: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        weight_decompose: bool = False,
+    ):
+        super().__init__()
+        object.__setattr__(self, "base", base)  # deliberately not registered: base weights stay the model's
+        self.name = ""
+        self.multiplier = 1.0
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.weight_decompose = weight_decompose
+        if weight_decompose:
+            self.dora_scale = nn.Parameter(row_norm(base.weight.detach().float()))
+        # While merged: (multiplier, original weight, original bias), so that unmerge is exact.
+        self._merged: tuple[float, Tensor, Tensor | None] | None = None
+        self._saved_requires_grad: list[bool] = []
+
+    # -- ΔW -------------------------------------------------------------------------------------------
+    def _delta(self) -> Tensor:
+        """The algorithm's ΔW in W0's shape, scale applied once, before DoRA."""
+        raise NotImplementedError
+
+    def delta_bias(self) -> Tensor | None:
+        """Δb for algorithms that train the bias (only `Full`)."""
+        return None
+
+    @property
+    def w0(self) -> Tensor:
+        """The layer's original weight, also while ΔW is merged into it."""
+        return self.base.weight if self._merged is None else self._merged[1]
+
+    def _decompose(self, delta: Tensor) -> Tensor:
+        if not self.weight_decompose:
+            return delta
+        w0 = self.w0.to(delta.dtype)
+        return weight_decompose(w0, delta, self.dora_scale) - w0
+
+    def delta_weight(self) -> Tensor:
+        """ΔW such that the adapted layer computes with W0 + multiplier·ΔW (DoRA included)."""
+        return self._decompose(self._delta())
+
+    def _regularize(self, delta: Tensor) -> Tensor:
+        if self.dropout:
+            delta = F.dropout(delta, self.dropout)
+        if self.rank_dropout:
+            delta = delta * rank_mask(delta.shape[0], self.rank_dropout, delta).view(-1, *[1] * (delta.dim() - 1))
+        return delta
+
+    def adapted_weight(self) -> Tensor:
+        w0 = self.w0
+        delta = self._delta()
+        if self.training:
+            delta = self._regularize(delta)
+        return (w0.to(delta.dtype) + self.multiplier * self._decompose(delta)).to(w0.dtype)
+
+    def adapted_bias(self) -> Tensor | None:
+        bias, db = self.base.bias, self.delta_bias()
+        if db is None:
+            return bias
+        return (bias.to(db.dtype) + self.multiplier * db).to(bias.dtype)
+
+    # -- forward --------------------------------------------------------------------------------------
+    def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        return type(self.base).forward(self.base, x, *args, **kwargs)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if self._merged is not None or self.multiplier == 0:
+            return self.base_forward(x, *args, **kwargs)
+        if self.training and self.module_dropout and torch.rand(()) < self.module_dropout:
+            return self.base_forward(x, *args, **kwargs)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Tensor:
+        """Default path: one op with the adapted weight (the weight is rebuilt once per call)."""
+        weight = self.adapted_weight()
+        return layer_op(self.base, x.to(weight.dtype) if x.is_floating_point() else x, weight, self.adapted_bias())
+
+    # -- merge ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def bake(self, multiplier: float) -> None:
+        """Add multiplier·ΔW (and Δb) to the base layer for good."""
+        weight, bias, db = self.base.weight, self.base.bias, self.delta_bias()
+        weight.add_((multiplier * self.delta_weight()).to(weight.dtype))
+        if db is not None:
+            bias.add_((multiplier * db).to(bias.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Bake at the current multiplier, keeping the original (one weight copy) so that unmerge restores it
+        bit for bit; `lycoris.merge_into` bakes without keeping it."""
+        if self._merged is not None:
+            return
+        bias = self.base.bias if self.delta_bias() is not None else None
+        originals = (self.base.weight.clone(), None if bias is None else bias.clone())
+        self.bake(self.multiplier)
+        self._merged = (self.multiplier, *originals)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self._merged is None:
+            return
+        _, weight, bias = self._merged
+        self.base.weight.copy_(weight)
+        if bias is not None:
+            self.base.bias.copy_(bias)
+        self._merged = None
+
+    # -- attach ---------------------------------------------------------------------------------------
+    def to_base(self) -> Adapter:
+        """Move to the base layer's device; parameters in fp32 at least (mixed precision casts per op)."""
+        dtype = self.base.weight.dtype if self.base.weight.dtype == torch.float64 else torch.float32
+        return self.to(device=self.base.weight.device, dtype=dtype)
+
+    def attach(self) -> None:
+        if "forward" in self.base.__dict__:
+            raise RuntimeError(
+                f"{self.name}: this layer already has an adapter attached; remove() the other network "
+                "first, or bake it in with lycoris.merge_into"
+            )
+        self.base.forward = self.forward
+        self._saved_requires_grad = [p.requires_grad for p in self.base.parameters(recurse=False)]
+        self.base.requires_grad_(False)
+
+    def detach(self) -> None:
+        self.unmerge()
+        self.base.__dict__.pop("forward", None)
+        for p, flag in zip(self.base.parameters(recurse=False), self._saved_requires_grad):
+            p.requires_grad_(flag)
+
+    # -- files ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> Adapter:
+        """Build the adapter that ``tensors`` (suffix → tensor) describe, for ``base``; loads nothing."""
+        raise NotImplementedError
+
+    @classmethod
+    def detects(cls, tensors: dict[str, Tensor]) -> bool:
+        return any(k in tensors for k in cls.signature)
+
+    def extra_repr(self) -> str:
+        return f"{type(self.base).__name__}{tuple(self.base.weight.shape)}"
+
+
+class Network(nn.Module):
+    """The adapters of one model, keyed by LyCORIS name; attaching happens at construction.
+
+    Args:
+        adapters: LyCORIS layer name → adapter.
+        prefix: the name prefix these adapters carry (``lora_unet``, ``lora_te``, ...).
+        multiplier: strength applied to every adapter.
+    """
+
+    def __init__(self, adapters: dict[str, Adapter], prefix: str, multiplier: float = 1.0):
+        super().__init__()
+        self.prefix = prefix
+        for name, adapter in adapters.items():
+            adapter.name = name
+            self.add_module(name, adapter.to_base())
+        attached = []
+        try:
+            for adapter in self.adapters():
+                adapter.attach()
+                attached.append(adapter)
+        except RuntimeError:
+            for adapter in attached:
+                adapter.detach()
+            raise
+        self.multiplier = multiplier
+
+    def adapters(self) -> list[Adapter]:
+        return list(self.children())
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    @multiplier.setter
+    def multiplier(self, value: float) -> None:
+        self._multiplier = float(value)
+        for adapter in self.adapters():
+            if adapter._merged is not None and adapter._merged[0] != value:
+                raise RuntimeError("unmerge() before changing the multiplier of a merged network")
+            adapter.multiplier = self._multiplier
+
+    def merge(self) -> None:
+        """Fold every ΔW into its base weight: inference then costs exactly the base model."""
+        for adapter in self.adapters():
+            adapter.merge()
+
+    def unmerge(self) -> None:
+        for adapter in self.adapters():
+            adapter.unmerge()
+
+    def remove(self) -> None:
+        """Detach every adapter and restore the model exactly (weights, forward, requires_grad)."""
+        for adapter in self.adapters():
+            adapter.detach()
+
+    @torch.no_grad()
+    def delta_weights(self) -> dict[str, Tensor]:
+        """LyCORIS layer name → ΔW (scale applied, multiplier not)."""
+        return {name: adapter.delta_weight() for name, adapter in self.named_children()}
+
+
+class Strategy:
+    """Base class of every adapter algorithm: hyperparameters shared by all, and layer targeting.
+
+    Subclasses implement `make_adapter`; everything else (selection by preset/patterns, per-pattern
+    overrides, naming, attaching) happens here, so a new algorithm is one small file.
+
+    Args:
+        dim: rank of the low-rank factors (OFT/BOFT: block size; unused by IA3 and Full).
+        alpha: scale numerator, ΔW is multiplied by alpha/dim; None means alpha = dim (scale 1).
+        conv_dim: rank for convolutions with a kernel larger than 1; None uses ``dim``, 0 skips them.
+        conv_alpha: alpha for those convolutions; None uses ``alpha`` (or their rank if that is None too).
+        dropout: elementwise dropout on the adapter's contribution while training.
+        rank_dropout: dropout over rank channels while training.
+        module_dropout: probability of skipping a whole adapted layer for a training step.
+        preset: named set of layers (DESIGN §4): attn-only, attn-mlp (paper default) or full.
+        targets: glob patterns over canonical dotted module paths to adapt (added to the preset's).
+            With neither preset nor targets, every Linear/Conv layer is adapted.
+        exclude: glob patterns of module paths never to adapt.
+        overrides: glob pattern → hyperparameters for the matching layers, e.g.
+            ``{"*attn2*": {"dim": 16}}``; later patterns win.
+    """
+
+    _TARGETING = frozenset({"preset", "targets", "exclude", "overrides"})
+
+    def __init__(
+        self,
+        dim: int = 4,
+        alpha: float | None = None,
+        conv_dim: int | None = None,
+        conv_alpha: float | None = None,
+        dropout: float = 0.0,
+        rank_dropout: float = 0.0,
+        module_dropout: float = 0.0,
+        preset: Preset | None = None,
+        targets: list[str] | None = None,
+        exclude: list[str] | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
+    ):
+        self.dim, self.alpha, self.conv_dim, self.conv_alpha = dim, alpha, conv_dim, conv_alpha
+        self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
+        self.preset, self.targets, self.exclude = preset, targets, exclude or []
+        self.overrides = dict(overrides or {})
+        if preset is not None and preset not in PRESETS:
+            raise ValueError(f"{type(self).__name__}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+        for name, p in (("dropout", dropout), ("rank_dropout", rank_dropout), ("module_dropout", module_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{type(self).__name__}: {name}={p} must be in [0, 1)")
+        if dim < 1:
+            raise ValueError(f"{type(self).__name__}: dim={dim} must be >= 1")
+        known = self.hyperparameters()
+        for pattern, values in self.overrides.items():
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(
+                    f"{type(self).__name__}: overrides[{pattern!r}] sets unknown hyperparameter(s) "
+                    f"{unknown}; known: {sorted(known)}"
+                )
+
+    @classmethod
+    def hyperparameters(cls) -> set[str]:
+        """Names a per-pattern override may set: every constructor argument except targeting."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is not None and klass is not object:
+                names |= {p for p in inspect.signature(init).parameters if p not in ("self", "kwargs")}
+        return names - cls._TARGETING
+
+    def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> Adapter:
+        """Build the adapter of this algorithm for one layer, at the given rank and alpha."""
+        raise NotImplementedError
+
+    def common(self) -> dict[str, float]:
+        """The regularisation arguments every `Adapter` takes."""
+        return {"dropout": self.dropout, "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout}
+
+    def selects(self, path: str) -> bool:
+        if matches(path, self.exclude):
+            return False
+        if self.preset is None and self.targets is None:
+            return True
+        return (self.preset is not None and matches(path, PRESETS[self.preset])) or (
+            self.targets is not None and matches(path, self.targets)
+        )
+
+    def for_layer(self, path: str) -> Strategy:
+        """This strategy with the overrides whose pattern matches ``path`` applied."""
+        hits = [values for pattern, values in self.overrides.items() if matches(path, [pattern])]
+        if not hits:
+            return self
+        strategy = copy.copy(self)
+        for values in hits:
+            for key, value in values.items():
+                setattr(strategy, key, value)
+        return strategy
+
+    def apply(self, module: nn.Module, prefix: str = "lora_unet", multiplier: float = 1.0) -> Network:
+        """Wrap the targeted layers of ``module`` in place; returns the network of their adapters."""
+        adapters: dict[str, Adapter] = {}
+        for _, path, layer in supported_layers(module):
+            if not self.selects(path):
+                continue
+            strategy = self.for_layer(path)
+            spatial = any(k > 1 for k in kernel_size(layer))
+            dim = strategy.conv_dim if spatial and strategy.conv_dim is not None else strategy.dim
+            if dim == 0:
+                continue
+            alpha = strategy.conv_alpha if spatial and strategy.conv_alpha is not None else strategy.alpha
+            alpha = dim if alpha is None else alpha
+            try:
+                adapters[lycoris_name(prefix, path)] = strategy.make_adapter(layer, dim, alpha)
+            except ValueError as err:
+                raise ValueError(f"{lycoris_name(prefix, path)} ({path}): {err}") from None
+        if not adapters:
+            raise ValueError(
+                f"{type(self).__name__} matched no layer of {type(module).__name__} "
+                f"(preset={self.preset!r}, targets={self.targets!r}, exclude={self.exclude!r})"
+            )
+        return Network(adapters, prefix, multiplier)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in sorted(self.hyperparameters() | self._TARGETING))
+        return f"{type(self).__name__}({args})"

@@ -1,0 +1,172 @@
+"""LoKr: low-rank Kronecker product (Yeh et al., LyCORIS paper §3.2; after KronA, Edalati et al. 2022).
+
+ΔW = w1 ⊗ w2 · α/r. Each dimension d splits as (m, d/m) by `factorization(d, factor)`; w1 is the small
+(out_l × in_m) block, w2 the large (out_k × in_n [× k×k]) one. w2 is low-rank (w2_a·w2_b, or a Tucker
+product on k×k convs) only when dim < max(out_k, in_n)/2, otherwise full — the paper's LoKr uses
+dim=10000, so both blocks are full and the scale is 1 (what UIs compute when no factor is decomposed).
+With ``decompose_both`` w1 is low-rank too when dim < max(out_l, in_m)/2.
+
+Training runs (w1 ⊗ w2)·x through reshapes — w2 applied as the layer's op to each of the in_m input
+groups, then mixed by w1 — which never builds the Kronecker product and is ~out_l times cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .base import Adapter, Strategy
+from .functional import factorization, in_out, kaiming_, kernel_size, layer_op, rebuild_tucker
+
+
+class LoKrAdapter(Adapter):
+    signature = ("lokr_w1", "lokr_w1_a")
+
+    def __init__(
+        self,
+        base: nn.Module,
+        dim: int,
+        alpha: float,
+        factor: int = -1,
+        decompose_both: bool = False,
+        use_tucker: bool = False,
+        full_w1: bool | None = None,
+        full_w2: bool | None = None,
+        w1_shape: tuple[int, int] | None = None,
+        **common,
+    ):
+        super().__init__(base, **common)
+        in_dim, out_dim = in_out(base)
+        ksize = kernel_size(base)
+        # full_w1/full_w2/w1_shape are only given when rebuilding from a file, whose shapes decide.
+        out_l, in_m = w1_shape or (factorization(out_dim, factor)[0], factorization(in_dim, factor)[0])
+        out_k, in_n = out_dim // out_l, in_dim // in_m
+        self.blocks = (out_l, out_k, in_m, in_n)
+        self.full_w1 = full_w1 if full_w1 is not None else not (decompose_both and dim < max(out_l, in_m) / 2)
+        self.full_w2 = full_w2 if full_w2 is not None else dim >= max(out_k, in_n) / 2
+        self.tucker = use_tucker and any(k > 1 for k in ksize) and not self.full_w2
+        self.dim = dim
+
+        if self.full_w1:
+            self.lokr_w1 = nn.Parameter(kaiming_(torch.empty(out_l, in_m)))
+        else:
+            self.lokr_w1_a = nn.Parameter(kaiming_(torch.empty(out_l, dim)))
+            self.lokr_w1_b = nn.Parameter(kaiming_(torch.empty(dim, in_m)))
+        # The w2 side starts at zero, so ΔW = 0.
+        if self.full_w2:
+            self.lokr_w2 = nn.Parameter(torch.zeros(out_k, in_n, *ksize))
+        elif self.tucker:
+            self.lokr_t2 = nn.Parameter(kaiming_(torch.empty(dim, dim, *ksize)))
+            self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(dim, out_k)))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(dim, in_n))
+        else:
+            self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(out_k, dim)))
+            self.lokr_w2_b = nn.Parameter(torch.zeros(dim, in_n * math.prod(ksize)))
+        # Both blocks full: no rank anywhere, so the scale is 1 (alpha stored as dim, as LyCORIS does).
+        self.register_buffer("alpha", torch.tensor(float(dim if self.full_w1 and self.full_w2 else alpha)))
+
+    @property
+    def scale(self) -> float:
+        # No factor is low-rank, so there is no rank to scale by; UIs ignore alpha here too.
+        return 1.0 if self.full_w1 and self.full_w2 else float(self.alpha) / self.dim
+
+    def _w1(self) -> Tensor:
+        return self.lokr_w1 if self.full_w1 else self.lokr_w1_a @ self.lokr_w1_b
+
+    def _w2(self) -> Tensor:
+        out_l, out_k, in_m, in_n = self.blocks
+        if self.full_w2:
+            return self.lokr_w2
+        if self.tucker:
+            return rebuild_tucker(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b)
+        return (self.lokr_w2_a @ self.lokr_w2_b).reshape(out_k, in_n, *self.base.weight.shape[2:])
+
+    def _delta(self) -> Tensor:
+        w1, w2 = self._w1(), self._w2()
+        w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
+        return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale
+
+    def _kron_forward(self, x: Tensor) -> Tensor:
+        """(w1 ⊗ w2) applied to x without building it: w2 per input group, then w1 across groups."""
+        out_l, out_k, in_m, in_n = self.blocks
+        w1, w2 = self._w1(), self._w2()
+        h = x.to(w2.dtype)
+        if isinstance(self.base, nn.Linear):
+            h = h.unflatten(-1, (in_m, in_n))  # (..., in_m, in_n)
+            h = layer_op(self.base, h, w2, None)  # (..., in_m, out_k)
+            return (w1 @ h).flatten(-2)  # (..., out_l, out_k) → (..., out)
+        batch, spatial = h.shape[0], h.shape[2:]
+        h = layer_op(self.base, h.reshape(batch * in_m, in_n, *spatial), w2, None)
+        h = h.unflatten(0, (batch, in_m))  # (B, in_m, out_k, *spatial')
+        return torch.einsum("lm,bm...->bl...", w1, h).flatten(1, 2)
+
+    def _cheaper_by_reshape(self, x: Tensor) -> bool:
+        # Building the product costs out·in·k² multiply-adds once; the reshape path adds about
+        # positions·(in·out_k·k² + out·in_m). With gradients, the weight path also pays for dL/dW (a
+        # positions·out·in·k² product), so the reshape path wins whenever autograd is on.
+        if torch.is_grad_enabled():
+            return True
+        out_l, out_k, in_m, in_n = self.blocks
+        kk = math.prod(self.base.weight.shape[2:])
+        positions = x.numel() // x.shape[-1 if isinstance(self.base, nn.Linear) else 1]
+        return positions * (in_m * in_n * out_k * kk + out_l * out_k * in_m) < out_l * out_k * in_m * in_n * kk
+
+    def _forward(self, x: Tensor) -> Tensor:
+        needs_weight = self.weight_decompose or (self.training and (self.dropout or self.rank_dropout))
+        if needs_weight or not self._cheaper_by_reshape(x):
+            return super()._forward(x)
+        out = self.base_forward(x)
+        return out + (self.multiplier * self.scale * self._kron_forward(x)).to(out.dtype)
+
+    @classmethod
+    def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> LoKrAdapter:
+        full_w1, full_w2 = "lokr_w1" in tensors, "lokr_w2" in tensors
+        w1_shape = (
+            tuple(tensors["lokr_w1"].shape) if full_w1
+            else (tensors["lokr_w1_a"].shape[0], tensors["lokr_w1_b"].shape[1])
+        )
+        if full_w2:
+            dim = tensors["lokr_w1_b"].shape[0] if not full_w1 else 1
+        else:
+            dim = tensors["lokr_w2_b"].shape[0]
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else dim
+        return cls(
+            base, dim, alpha, use_tucker="lokr_t2" in tensors, full_w1=full_w1, full_w2=full_w2,
+            w1_shape=w1_shape, weight_decompose="dora_scale" in tensors,
+        )
+
+
+class LoKr(Strategy):
+    """LoKr: Kronecker product of a small and a large block (paper default factor 8, dim 10000, alpha 1).
+
+    Args:
+        factor: the size of the small block (-1: split each dimension as evenly as possible).
+        decompose_both: make the small block low-rank too when dim is small enough.
+        use_tucker: Tucker-decompose a low-rank w2 of k×k convolutions.
+        weight_decompose: DoRA: also learn each output row's magnitude.
+        **kwargs: shared hyperparameters, see `lycoris.Strategy`.
+    """
+
+    def __init__(
+        self,
+        factor: int = -1,
+        decompose_both: bool = False,
+        use_tucker: bool = False,
+        weight_decompose: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if factor == 0 or factor < -1:
+            raise ValueError(f"LoKr: factor={factor} must be -1 or a positive integer")
+        self.factor = factor
+        self.decompose_both = decompose_both
+        self.use_tucker = use_tucker
+        self.weight_decompose = weight_decompose
+
+    def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> LoKrAdapter:
+        return LoKrAdapter(
+            layer, dim, alpha, factor=self.factor, decompose_both=self.decompose_both,
+            use_tucker=self.use_tucker, weight_decompose=self.weight_decompose, **self.common(),
+        )

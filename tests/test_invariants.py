@@ -1,0 +1,144 @@
+"""The invariant matrix: every algorithm × every layer kind satisfies the adapter contract (DESIGN §4)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lycoris
+from lycoris.functional import layer_op
+
+LAYERS = {
+    "linear": lambda: nn.Linear(16, 32),
+    "conv1d": lambda: nn.Conv1d(16, 32, 3, padding=1),
+    "conv2d_1x1": lambda: nn.Conv2d(16, 32, 1),
+    "conv2d_3x3_s2": lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1),
+}
+INPUTS = {
+    "linear": (2, 5, 16),
+    "conv1d": (2, 16, 9),
+    "conv2d_1x1": (2, 16, 6, 6),
+    "conv2d_3x3_s2": (2, 16, 7, 7),
+}
+STRATEGIES = {
+    "lora": lambda: lycoris.LoRA(dim=4, alpha=2),
+    "locon_tucker": lambda: lycoris.LoRA(dim=4, alpha=2, use_tucker=True),
+    "dora": lambda: lycoris.LoRA(dim=4, alpha=2, weight_decompose=True),
+    "loha": lambda: lycoris.LoHa(dim=4, alpha=2),
+    "loha_tucker": lambda: lycoris.LoHa(dim=4, alpha=2, use_tucker=True),
+    "loha_dora": lambda: lycoris.LoHa(dim=4, alpha=2, weight_decompose=True),
+    "lokr_lowrank": lambda: lycoris.LoKr(factor=4, dim=2, alpha=1),
+    "lokr_full": lambda: lycoris.LoKr(factor=4, dim=10000, alpha=1),
+    "lokr_both_tucker": lambda: lycoris.LoKr(dim=1, alpha=1, decompose_both=True, use_tucker=True),
+    "lokr_dora": lambda: lycoris.LoKr(factor=4, dim=2, alpha=1, weight_decompose=True),
+    "dylora": lambda: lycoris.DyLoRA(dim=4, alpha=4, block_size=2),
+    "glora": lambda: lycoris.GLoRA(dim=4, alpha=2),
+    "ia3": lambda: lycoris.IA3(),
+    "ia3_input": lambda: lycoris.IA3(train_on_input=True),
+    "oft": lambda: lycoris.OFT(dim=4),
+    "oft_constrained": lambda: lycoris.OFT(dim=8, constraint=0.05, rescaled=True),
+    "boft": lambda: lycoris.BOFT(dim=4),
+    "boft_rescaled": lambda: lycoris.BOFT(dim=8, rescaled=True),
+    "full": lambda: lycoris.Full(),
+}
+MULTIPLIER = 0.7
+
+
+@pytest.fixture(params=list(LAYERS))
+def layer_kind(request):
+    return request.param
+
+
+@pytest.fixture(params=list(STRATEGIES))
+def strategy_name(request):
+    return request.param
+
+
+def build(layer_kind, strategy_name, seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(LAYERS[layer_kind]())
+    original = copy.deepcopy(model)
+    net = STRATEGIES[strategy_name]().apply(model, prefix="lora_unet")
+    x = torch.randn(INPUTS[layer_kind])
+    return model, original, net, x
+
+
+@torch.no_grad()
+def randomize(net):
+    gen = torch.Generator().manual_seed(1)
+    for p in net.parameters():
+        p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def expected(original, net, x, multiplier):
+    layer = original[0]
+    adapter = net.adapters()[0]
+    weight = layer.weight + multiplier * adapter.delta_weight()
+    db = adapter.delta_bias()
+    bias = layer.bias if db is None else layer.bias + multiplier * db
+    return layer_op(layer, x, weight, bias)
+
+
+@torch.no_grad()
+def test_contract(layer_kind, strategy_name):
+    model, original, net, x = build(layer_kind, strategy_name)
+    net.eval()
+    base_out = original(x)
+    # A fresh adapter changes nothing.
+    torch.testing.assert_close(model(x), base_out, atol=1e-6, rtol=0)
+    assert all(d.abs().max() < 1e-6 for d in net.delta_weights().values())
+
+    randomize(net)
+    net.multiplier = MULTIPLIER
+    out = model(x)
+    assert (out - base_out).abs().max() > 1e-3, "randomised adapter should change the output"
+    torch.testing.assert_close(out, expected(original, net, x, MULTIPLIER), atol=1e-5, rtol=1e-5)
+
+    # Merge gives the same output through the plain layer; unmerge gives W0 back.
+    net.merge()
+    torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+    assert "forward" in model[0].__dict__
+    net.unmerge()
+    torch.testing.assert_close(model[0].weight, original[0].weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model[0].bias, original[0].bias, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(x), out, atol=1e-5, rtol=1e-5)
+
+    # Multiplier 0 is the base model.
+    net.multiplier = 0.0
+    torch.testing.assert_close(model(x), base_out, atol=1e-6, rtol=0)
+    net.multiplier = MULTIPLIER
+
+    # remove() restores the module exactly.
+    net.remove()
+    assert "forward" not in model[0].__dict__
+    assert torch.equal(model[0].weight, original[0].weight) and torch.equal(model[0].bias, original[0].bias)
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(x), base_out, atol=0, rtol=0)
+
+
+def test_only_adapter_parameters_train(layer_kind, strategy_name):
+    model, _, net, x = build(layer_kind, strategy_name)
+    assert not any(p.requires_grad for p in model.parameters())
+    params = list(net.parameters())
+    assert params and all(p.requires_grad for p in params)
+    randomize(net)
+    net.train()
+    model(x).square().sum().backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+@torch.no_grad()
+def test_save_load_roundtrip(tmp_path, layer_kind, strategy_name):
+    model, original, net, x = build(layer_kind, strategy_name)
+    randomize(net)
+    net.eval()
+    want = model(x)
+    path = lycoris.save_file(tmp_path / "a.safetensors", {"lora_unet": net})
+    fresh = copy.deepcopy(original)
+    loaded = lycoris.load_file(path, {"lora_unet": fresh})["lora_unet"]
+    loaded.eval()
+    torch.testing.assert_close(fresh(x), want, atol=1e-6, rtol=1e-6)
+    loaded.multiplier = 0.0
+    torch.testing.assert_close(fresh(x), original(x), atol=1e-6, rtol=0)
