@@ -1,0 +1,197 @@
+"""Algorithm-specific behaviour: factorisation rules, parameter counts, fast paths, and clear errors."""
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lycoris
+
+
+@pytest.mark.parametrize(
+    ("dimension", "factor", "expected"),
+    [((320, -1), None, (16, 20)), ((320, 8), None, (8, 40)), ((1280, 16), None, (16, 80)),
+     ((768, 4), None, (4, 192)), ((640, -1), None, (20, 32)), ((768, 5), None, (4, 192))],
+)
+def test_lokr_factorization_table(dimension, factor, expected):
+    assert lycoris.factorization(*dimension) == expected
+
+
+def count(net):
+    return sum(p.numel() for p in net.parameters())
+
+
+def apply_to(layer, strategy):
+    return strategy.apply(nn.Sequential(layer))
+
+
+def test_parameter_counts():
+    lin = lambda: nn.Linear(320, 640)  # noqa: E731
+    conv = lambda: nn.Conv2d(320, 640, 3, padding=1)  # noqa: E731
+    # LoRA: r(in + out); LoCon on 3x3: r(in·9 + out); Tucker: r·in + r·r·9 + r·out.
+    assert count(apply_to(lin(), lycoris.LoRA(dim=8))) == 8 * (320 + 640)
+    assert count(apply_to(conv(), lycoris.LoRA(dim=8))) == 8 * (320 * 9 + 640)
+    assert count(apply_to(conv(), lycoris.LoRA(dim=8, use_tucker=True))) == 8 * 320 + 8 * 8 * 9 + 8 * 640
+    # DoRA adds one magnitude per output row.
+    assert count(apply_to(lin(), lycoris.LoRA(dim=8, weight_decompose=True))) == 8 * (320 + 640) + 640
+    # LoHa: two rank-r pairs.
+    assert count(apply_to(lin(), lycoris.LoHa(dim=4))) == 2 * 4 * (320 + 640)
+    # LoKr factor 8, dim 10000: w1 (8x8) full, w2 (80x40) full.
+    assert count(apply_to(lin(), lycoris.LoKr(factor=8, dim=10000))) == 8 * 8 + 80 * 40
+    # LoKr low-rank w2: w1 (8x8) + r(80 + 40).
+    assert count(apply_to(lin(), lycoris.LoKr(factor=8, dim=4))) == 8 * 8 + 4 * (80 + 40)
+    # (IA)3: one value per output (or input) channel.
+    assert count(apply_to(lin(), lycoris.IA3())) == 640
+    assert count(apply_to(lin(), lycoris.IA3(train_on_input=True))) == 320
+    # OFT dim 4 on 640 rows: 160 blocks of 4x4.
+    assert count(apply_to(lin(), lycoris.OFT(dim=4))) == 160 * 16
+    # BOFT dim 10 on 640 rows: blocks of 10, 64 of them, log2(64)+1 = 7 stages.
+    assert count(apply_to(lin(), lycoris.BOFT(dim=10))) == 7 * 64 * 100
+    # GLoRA: A (in->r->in) and B (in->r->out).
+    assert count(apply_to(lin(), lycoris.GLoRA(dim=8))) == 8 * (320 + 320) + 8 * (320 + 640)
+    assert count(apply_to(lin(), lycoris.Full())) == 640 * 320 + 640
+
+
+def test_lokr_blocks_follow_the_factorization_and_dim_rule():
+    adapter = apply_to(nn.Linear(320, 640), lycoris.LoKr(factor=8, dim=10000)).adapters()[0]
+    assert adapter.lokr_w1.shape == (8, 8) and adapter.lokr_w2.shape == (80, 40)
+    assert adapter.scale == 1.0  # both blocks full: no rank, so no alpha scaling
+    # w2 becomes low-rank only when dim < max(out_k, in_n) / 2 = 40.
+    assert hasattr(apply_to(nn.Linear(320, 640), lycoris.LoKr(factor=8, dim=40)).adapters()[0], "lokr_w2")
+    low = apply_to(nn.Linear(320, 640), lycoris.LoKr(factor=8, dim=39, alpha=13)).adapters()[0]
+    assert low.lokr_w2_a.shape == (80, 39) and low.scale == pytest.approx(13 / 39)
+    both = apply_to(nn.Linear(320, 640), lycoris.LoKr(dim=4, decompose_both=True)).adapters()[0]
+    assert both.lokr_w1_a.shape == (20, 4) and both.lokr_w1_b.shape == (4, 16)  # 640 -> (20, 32), 320 -> (16, 20)
+
+
+@pytest.mark.parametrize("layer", [nn.Linear(24, 48), nn.Conv2d(24, 48, 3, stride=2, padding=1)])
+def test_lokr_reshape_path_equals_weight_path(layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(layer)
+    net = lycoris.LoKr(factor=4, dim=2, alpha=1).apply(model)
+    adapter = net.adapters()[0]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(3, 24, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(3, 7, 24)
+    assert adapter._cheaper_by_reshape(x)  # gradients on: the Kronecker product is never built
+    through_factors = model(x)
+    through_weight = nn.functional.linear(x, adapter.adapted_weight(), layer.bias) if isinstance(
+        layer, nn.Linear) else layer._conv_forward(x, adapter.adapted_weight(), layer.bias)
+    torch.testing.assert_close(through_factors, through_weight, atol=1e-5, rtol=1e-5)
+
+
+def test_boft_error_names_the_layer_and_the_sizes_that_work():
+    model = nn.Sequential(nn.Linear(8, 320))
+    with pytest.raises(ValueError, match=r"lora_unet_0 .*BOFT cannot factor dimension 320 with dim=4.*\[10, 20, 40"):
+        lycoris.BOFT(dim=4).apply(model)
+
+
+def test_dylora_trains_rank_prefixes_and_saves_full_rank(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16))
+    net = lycoris.DyLoRA(dim=8, alpha=8, block_size=4).apply(model)
+    adapter = net.adapters()[0]
+    with torch.no_grad():
+        adapter.lora_up.weight.normal_()
+    x = torch.randn(2, 16)
+    net.train()
+    outputs = {tuple(model(x).flatten().tolist()) for _ in range(20)}
+    assert len(outputs) == 2  # rank 4 or rank 8, each with scale alpha/b
+    net.eval()
+    full = model(x)
+    up, down = adapter.lora_up.weight, adapter.lora_down.weight
+    torch.testing.assert_close(full, nn.functional.linear(x, model[0].weight + up @ down * (8 / 8), model[0].bias))
+    path = lycoris.save_file(tmp_path / "d.safetensors", {"lora_unet": net})
+    from safetensors.torch import load_file
+    assert set(load_file(path)) == {"lora_unet_0.lora_down.weight", "lora_unet_0.lora_up.weight", "lora_unet_0.alpha"}
+
+
+def test_unknown_hyperparameter_is_named_at_construction():
+    with pytest.raises(TypeError, match="dimm"):
+        lycoris.LoRA(dimm=4)
+    with pytest.raises(ValueError, match=r"overrides\['\*attn2\*'\].*'rnak'"):
+        lycoris.LoKr(overrides={"*attn2*": {"rnak": 4}})
+    with pytest.raises(ValueError, match="preset 'attn'"):
+        lycoris.LoHa(preset="attn")
+    with pytest.raises(ValueError, match="dropout=1.5"):
+        lycoris.LoRA(dropout=1.5)
+
+
+def test_overrides_targets_and_exclude():
+    model = nn.ModuleDict({
+        "attn": nn.ModuleDict({"to_q": nn.Linear(8, 8), "to_k": nn.Linear(8, 8)}),
+        "conv": nn.Conv2d(8, 8, 3),
+        "skip": nn.Conv2d(8, 8, 1),
+    })
+    strategy = lycoris.LoRA(dim=2, conv_dim=0, exclude=["skip"], overrides={"attn.to_k": {"dim": 5, "alpha": 1}})
+    net = strategy.apply(model, prefix="p")
+    adapters = dict(net.named_children())
+    assert set(adapters) == {"p_attn_to_q", "p_attn_to_k"}  # 3x3 conv skipped by conv_dim=0, 1x1 excluded
+    assert adapters["p_attn_to_k"].dim == 5 and adapters["p_attn_to_k"].scale == pytest.approx(1 / 5)
+    assert adapters["p_attn_to_q"].dim == 2 and adapters["p_attn_to_q"].scale == 1.0
+    net.remove()
+    net = lycoris.LoRA(dim=2, targets=["conv"], conv_dim=3, conv_alpha=1.5).apply(model, prefix="p")
+    (adapter,) = net.adapters()
+    assert adapter.dim == 3 and adapter.scale == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="matched no layer"):
+        lycoris.LoRA(targets=["nothing*"]).apply(model)
+
+
+def test_second_network_on_the_same_layer_is_refused():
+    model = nn.Sequential(nn.Linear(4, 4))
+    net = lycoris.LoRA().apply(model)
+    with pytest.raises(RuntimeError, match="already has an adapter"):
+        lycoris.LoHa().apply(model)
+    net.remove()
+    lycoris.LoHa().apply(model)
+
+
+def test_loha_memory_saving_backward_matches_autograd():
+    torch.manual_seed(0)
+    w = [torch.randn(6, 3, requires_grad=True), torch.randn(3, 5, requires_grad=True),
+         torch.randn(6, 3, requires_grad=True), torch.randn(3, 5, requires_grad=True)]
+    g = torch.randn(6, 5)
+    (lycoris.functional.HadamardProduct.apply(*w, 0.5) * g).sum().backward()
+    ours = [t.grad.clone() for t in w]
+    for t in w:
+        t.grad = None
+    ((w[0] @ w[1]) * (w[2] @ w[3]) * 0.5 * g).sum().backward()
+    for a, t in zip(ours, w):
+        torch.testing.assert_close(a, t.grad)
+
+
+def test_oft_rotation_is_orthogonal_and_constrained():
+    torch.manual_seed(0)
+    net = lycoris.OFT(dim=4, constraint=1e-3).apply(nn.Sequential(nn.Linear(8, 16)))
+    adapter = net.adapters()[0]
+    with torch.no_grad():
+        adapter.oft_blocks.normal_()
+    r = adapter.rotation()
+    eye = torch.eye(4).expand_as(r)
+    torch.testing.assert_close(r @ r.transpose(-1, -2), eye, atol=1e-5, rtol=0)
+    # ‖Q‖ capped at the constraint: R stays within ~2·constraint of I.
+    assert (r - eye).norm() < 2.5e-3
+
+
+def test_merge_into_bakes_files_in_order(tmp_path):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8))
+    x = torch.randn(2, 8)
+    paths, deltas = [], []
+    for i, strategy in enumerate([lycoris.LoRA(dim=2), lycoris.LoKr(factor=2, dim=10000)]):
+        model = copy.deepcopy(base)
+        net = strategy.apply(model)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        deltas.append(net.delta_weights()["lora_unet_0"])
+        paths.append(lycoris.save_file(tmp_path / f"{i}.safetensors", {"lora_unet": net}))
+    merged = copy.deepcopy(base)
+    changed = lycoris.merge_into({"lora_unet": merged}, [(paths[0], 1.0), (paths[1], 0.5)])
+    assert changed == {"lora_unet": 2}
+    assert "forward" not in merged[0].__dict__  # nothing attached: plain layers
+    torch.testing.assert_close(merged[0].weight, base[0].weight + deltas[0] + 0.5 * deltas[1])
+    assert math.isfinite(merged(x).sum().item())

@@ -1,0 +1,207 @@
+"""Adapter files on real (tiny) diffusers/transformers models: names, round trips, and refusing bad files."""
+
+import copy
+import json
+import sys
+import textwrap
+
+import pytest
+import torch
+from jsonargparse import ArgumentParser
+from safetensors.torch import load_file as read_tensors
+from safetensors.torch import save_file as write_tensors
+
+import lycoris
+
+ATTN_ONLY_UNET = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0",
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k",
+    "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn1_to_v",
+}
+
+
+def unet_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 500]), torch.randn(2, 7, 32, generator=gen)
+
+
+def run(unet, inputs):
+    with torch.no_grad():
+        return unet(inputs[0], inputs[1], encoder_hidden_states=inputs[2]).sample
+
+
+@torch.no_grad()
+def randomize(*nets):
+    gen = torch.Generator().manual_seed(1)
+    for net in nets:
+        for p in net.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def test_presets_select_the_expected_layers(unet, text_encoder):
+    names = {p: {a.name for a in lycoris.LoRA(preset=p).apply(copy.deepcopy(unet)).adapters()} for p in lycoris.PRESETS}
+    assert names["attn-only"] >= ATTN_ONLY_UNET
+    assert len(names["attn-only"]) == 4 * 2 * 4  # 4 transformer blocks x (attn1, attn2) x (q, k, v, out)
+    assert all(n.split("_")[-1] in {"q", "k", "v", "0"} for n in names["attn-only"])
+    mlp_only = names["attn-mlp"] - names["attn-only"]
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_0_proj" in mlp_only
+    assert "lora_unet_down_blocks_0_attentions_0_proj_in" in mlp_only
+    assert len(mlp_only) == 4 * 4  # ff in/out + proj_in/out per transformer
+    rest = names["full"] - names["attn-mlp"]
+    assert {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
+            "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_downsamplers_0_conv"} <= rest
+    assert not any("attentions" in n for n in rest)
+
+    te = {a.name for a in lycoris.LoRA(preset="attn-only").apply(copy.deepcopy(text_encoder), "lora_te").adapters()}
+    assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te and len(te) == 2 * 4
+    te_mlp = {a.name for a in lycoris.LoRA(preset="attn-mlp").apply(copy.deepcopy(text_encoder), "lora_te").adapters()}
+    assert te_mlp - te == {f"lora_te_text_model_encoder_layers_{i}_mlp_fc{j}" for i in (0, 1) for j in (1, 2)}
+
+
+def test_unet_and_text_encoder_round_trip_in_one_file(tmp_path, unet, text_encoder):
+    base_unet, base_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    strategy = lycoris.LoKr(factor=4, dim=10000, preset="attn-mlp")
+    unet_net, te_net = strategy.apply(unet, "lora_unet"), strategy.apply(text_encoder, "lora_te")
+    randomize(unet_net, te_net)
+    inputs, ids = unet_inputs(), torch.tensor([[0, 5, 9, 1]])
+    want_unet, want_te = run(unet, inputs), text_encoder(ids).last_hidden_state
+    path = lycoris.save_file(tmp_path / "a.safetensors", {"lora_unet": unet_net, "lora_te": te_net},
+                             metadata={"ss_network_dim": 10000, "note": "hi"}, dtype=torch.float32)
+    keys = read_tensors(path)
+    assert "lora_te_text_model_encoder_layers_1_mlp_fc2.lokr_w1" in keys  # canonical name, transformers 5 too
+    assert not any(k.startswith("lora_te_encoder") for k in keys)
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        assert f.metadata() == {"ss_network_dim": "10000", "note": "hi"}
+
+    nets = lycoris.load_file(path, {"lora_unet": base_unet, "lora_te": base_te})
+    assert set(nets) == {"lora_unet", "lora_te"}
+    torch.testing.assert_close(run(base_unet, inputs), want_unet, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(base_te(ids).last_hidden_state, want_te, atol=1e-5, rtol=1e-5)
+
+
+def test_fp16_file_and_non_canonical_text_encoder_names_load(tmp_path, text_encoder):
+    base = copy.deepcopy(text_encoder)
+    net = lycoris.LoRA(dim=4, alpha=2, preset="attn-only").apply(text_encoder, "lora_te")
+    randomize(net)
+    path = lycoris.save_file(tmp_path / "a.safetensors", {"lora_te": net}, dtype=torch.float16)
+    tensors = read_tensors(path)
+    assert all(t.dtype == torch.float16 for t in tensors.values())
+    # What naive naming under transformers 5 writes (and some tools do): no text_model level.
+    renamed = {k.replace("lora_te_text_model_", "lora_te_"): v for k, v in tensors.items()}
+    write_tensors(renamed, str(tmp_path / "b.safetensors"))
+    (loaded,) = lycoris.load_file(tmp_path / "b.safetensors", {"lora_te": base}).values()
+    assert {a.name for a in loaded.adapters()} == {a.name for a in net.adapters()}
+    for name, delta in loaded.delta_weights().items():
+        torch.testing.assert_close(delta, net.delta_weights()[name], atol=2e-3, rtol=2e-3)
+
+
+def test_bad_files_are_refused_with_the_key_at_fault(tmp_path, unet):
+    net = lycoris.LoRA(dim=4, preset="attn-only").apply(copy.deepcopy(unet))
+    path = lycoris.save_file(tmp_path / "good.safetensors", {"lora_unet": net})
+    tensors = read_tensors(path)
+
+    key = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight"
+    nan = dict(tensors, **{key: torch.full_like(tensors[key], float("nan"))})
+    write_tensors(nan, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match=f"NaN/inf.*{key}"):
+        lycoris.load_file(tmp_path / "nan.safetensors", {"lora_unet": copy.deepcopy(unet)})
+
+    # A file for another model: a 64-channel layer's factors offered to a 32-channel one.
+    wide = dict(tensors)
+    down = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"
+    wide[down] = torch.zeros(4, 64)
+    write_tensors(wide, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"attn1_to_q.lora_down.weight has shape \(4, 64\).*needs \(4, 32\)"):
+        lycoris.load_file(tmp_path / "other.safetensors", {"lora_unet": copy.deepcopy(unet)})
+
+    stray = dict(tensors, **{"lora_unet_no_such_layer.lora_down.weight": torch.zeros(4, 4)})
+    write_tensors(stray, str(tmp_path / "stray.safetensors"))
+    with pytest.raises(ValueError, match="lora_unet_no_such_layer"):
+        lycoris.load_file(tmp_path / "stray.safetensors", {"lora_unet": copy.deepcopy(unet)})
+    with pytest.warns(UserWarning, match="lora_unet_no_such_layer"):
+        nets = lycoris.load_file(tmp_path / "stray.safetensors", {"lora_unet": copy.deepcopy(unet)}, strict=False)
+    assert len(nets["lora_unet"].adapters()) == len(net.adapters())
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors: not a readable safetensors file"):
+        lycoris.load_file(tmp_path / "junk.safetensors", {"lora_unet": unet})
+    with pytest.raises(FileNotFoundError, match="missing.safetensors"):
+        lycoris.load_file(tmp_path / "missing.safetensors", {"lora_unet": unet})
+
+
+def test_save_is_atomic(tmp_path, unet):
+    net = lycoris.IA3(preset="attn-only").apply(unet)
+    path = lycoris.save_file(tmp_path / "sub" / "x.safetensors", {"lora_unet": net})
+    assert [p.name for p in path.parent.iterdir()] == ["x.safetensors"]  # no temporary left behind
+
+
+USER_MODULE = '''
+import torch
+from torch import nn
+import lycoris
+
+
+class ScaledDiffAdapter(lycoris.Adapter):
+    signature = ("sdiff",)
+
+    def __init__(self, base, **common):
+        super().__init__(base, **common)
+        self.sdiff = nn.Parameter(torch.zeros_like(base.weight))
+        self.s = nn.Parameter(torch.ones(()))
+
+    def _delta(self):
+        return self.s * self.sdiff
+
+    @classmethod
+    def from_state_dict(cls, base, tensors):
+        return cls(base)
+
+
+class ScaledDiff(lycoris.Strategy):
+    """Full difference with a learned scale.
+
+    Args:
+        gain: initial scale.
+        **kwargs: shared hyperparameters, see `lycoris.Strategy`.
+    """
+
+    def __init__(self, gain: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.gain = gain
+
+    def make_adapter(self, layer, dim, alpha):
+        adapter = ScaledDiffAdapter(layer, **self.common())
+        adapter.s.data.fill_(self.gain)
+        return adapter
+'''
+
+
+def test_user_strategy_from_outside_the_package_by_class_path(tmp_path, monkeypatch, unet):
+    (tmp_path / "my_algos.py").write_text(textwrap.dedent(USER_MODULE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(json.dumps({"adapter": {"class_path": "my_algos.ScaledDiff",
+                                              "init_args": {"gain": 2.0, "preset": "attn-only", "dropout": 0.1}}}))
+    parser = ArgumentParser()
+    parser.add_argument("--config", action="config")
+    parser.add_argument("--adapter", type=lycoris.Strategy)
+    cfg = parser.instantiate_classes(parser.parse_args(["--config", str(recipe)]))
+    strategy = cfg.adapter
+    assert type(strategy).__name__ == "ScaledDiff" and strategy.gain == 2.0 and strategy.dropout == 0.1
+    with pytest.raises(SystemExit):  # unknown init arg is rejected by the schema
+        parser.parse_args(["--adapter", json.dumps({"class_path": "my_algos.ScaledDiff", "init_args": {"gian": 1}})])
+
+    base = copy.deepcopy(unet)
+    net = strategy.apply(unet)
+    assert len(net.adapters()) == 32
+    with torch.no_grad():
+        for a in net.adapters():
+            a.sdiff.normal_(std=0.01)
+    net.eval()  # dropout=0.1 acts in training only
+    want = run(unet, unet_inputs())
+    path = lycoris.save_file(tmp_path / "u.safetensors", {"lora_unet": net})
+    algos = (*lycoris.ALGORITHMS, sys.modules["my_algos"].ScaledDiffAdapter)
+    lycoris.load_file(path, {"lora_unet": base}, algorithms=algos)
+    torch.testing.assert_close(run(base, unet_inputs()), want, atol=1e-5, rtol=1e-5)
