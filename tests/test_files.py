@@ -205,3 +205,29 @@ def test_user_strategy_from_outside_the_package_by_class_path(tmp_path, monkeypa
     algos = (*lycoris.ALGORITHMS, sys.modules["my_algos"].ScaledDiffAdapter)
     lycoris.load_file(path, {"lora_unet": base}, algorithms=algos)
     torch.testing.assert_close(run(base, unet_inputs()), want, atol=1e-5, rtol=1e-5)
+
+
+def test_kohya_sd_scripts_lora_file_loads(tmp_path, unet, text_encoder):
+    """kohya's LoRA files: lora_down/lora_up/alpha per layer (alpha absent in old files: scale 1)."""
+    gen = torch.Generator().manual_seed(0)
+    q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"  # 32-d context -> 32
+    conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # 3x3 LoCon
+    te = "lora_te_text_model_encoder_layers_1_self_attn_q_proj"
+    tensors = {
+        f"{q}.lora_down.weight": torch.randn(4, 32, generator=gen),
+        f"{q}.lora_up.weight": torch.randn(32, 4, generator=gen),
+        f"{q}.alpha": torch.tensor(1.0),
+        f"{conv}.lora_down.weight": torch.randn(2, 32, 3, 3, generator=gen),
+        f"{conv}.lora_up.weight": torch.randn(32, 2, 1, 1, generator=gen),
+        f"{te}.lora_down.weight": torch.randn(8, 32, generator=gen),
+        f"{te}.lora_up.weight": torch.randn(32, 8, generator=gen),
+        f"{te}.alpha": torch.tensor(4.0),
+    }
+    write_tensors({k: v.half() for k, v in tensors.items()}, str(tmp_path / "kohya.safetensors"))
+    tensors = {k: v.half().float() for k, v in tensors.items()}
+    nets = lycoris.load_file(tmp_path / "kohya.safetensors", {"lora_unet": unet, "lora_te": text_encoder})
+    deltas = {**nets["lora_unet"].delta_weights(), **nets["lora_te"].delta_weights()}
+    up_down = lambda n: tensors[f"{n}.lora_up.weight"].flatten(1) @ tensors[f"{n}.lora_down.weight"].flatten(1)  # noqa: E731
+    torch.testing.assert_close(deltas[q], up_down(q) * 1.0 / 4)
+    torch.testing.assert_close(deltas[conv], (up_down(conv) * 1.0).reshape(32, 32, 3, 3))  # no alpha: alpha = rank
+    torch.testing.assert_close(deltas[te], up_down(te) * 4.0 / 8)
