@@ -6,8 +6,9 @@ product on k×k convs) only when dim < max(out_k, in_n)/2, otherwise full — th
 dim=10000, so both blocks are full and the scale is 1 (what UIs compute when no factor is decomposed).
 With ``decompose_both`` w1 is low-rank too when dim < max(out_l, in_m)/2.
 
-Training runs (w1 ⊗ w2)·x through reshapes — w2 applied as the layer's op to each of the in_m input
-groups, then mixed by w1 — which never builds the Kronecker product and is ~out_l times cheaper.
+Where it is cheaper (large blocks count: see `_cheaper_by_reshape`), (w1 ⊗ w2)·x runs through reshapes —
+w2 applied as the layer's op to each of the in_m input groups, then mixed by w1 — never building the
+Kronecker product; otherwise the weight is rebuilt once per call.
 """
 
 from __future__ import annotations
@@ -103,15 +104,21 @@ class LoKrAdapter(Adapter):
         return torch.einsum("lm,bm...->bl...", w1, h).flatten(1, 2)
 
     def _cheaper_by_reshape(self, x: Tensor) -> bool:
-        # Building the product costs out·in·k² multiply-adds once; the reshape path adds about
-        # positions·(in·out_k·k² + out·in_m). With gradients, the weight path also pays for dL/dW (a
-        # positions·out·in·k² product), so the reshape path wins whenever autograd is on.
-        if torch.is_grad_enabled():
-            return True
+        """Whether (w1 ⊗ w2)·x through reshapes beats one op with the rebuilt weight, counted in FLOPs.
+
+        Extra work over the base op: the weight path builds the product (out·in·k²) and, with gradients,
+        pays dL/dW (positions·out·in·k²); the reshape path costs positions·(in·out_k·k² + out·in_m) forward,
+        about three times that with gradients, but runs as small batched GEMMs and permutes that were
+        measured ~4× less efficient on CPU (benchmarks/adapters.py), hence the factor 4.
+        """
         out_l, out_k, in_m, in_n = self.blocks
         kk = math.prod(self.base.weight.shape[2:])
         positions = x.numel() // x.shape[-1 if isinstance(self.base, nn.Linear) else 1]
-        return positions * (in_m * in_n * out_k * kk + out_l * out_k * in_m) < out_l * out_k * in_m * in_n * kk
+        grad = torch.is_grad_enabled()
+        dense = out_l * out_k * in_m * in_n * kk
+        weight_path = dense * (1 + positions * grad)
+        reshape_path = 4 * (1 + 2 * grad) * positions * (in_m * in_n * out_k * kk + out_l * out_k * in_m)
+        return reshape_path < weight_path
 
     def _forward(self, x: Tensor) -> Tensor:
         needs_weight = self.weight_decompose or (self.training and (self.dropout or self.rank_dropout))

@@ -76,11 +76,18 @@ def test_lokr_reshape_path_equals_weight_path(layer):
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     x = torch.randn(3, 24, 5, 5) if isinstance(layer, nn.Conv2d) else torch.randn(3, 7, 24)
-    assert adapter._cheaper_by_reshape(x)  # gradients on: the Kronecker product is never built
-    through_factors = model(x)
+    through_factors = adapter.base_forward(x) + adapter.scale * adapter._kron_forward(x)
     through_weight = nn.functional.linear(x, adapter.adapted_weight(), layer.bias) if isinstance(
         layer, nn.Linear) else layer._conv_forward(x, adapter.adapted_weight(), layer.bias)
     torch.testing.assert_close(through_factors, through_weight, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), through_weight, atol=1e-5, rtol=1e-5)  # whichever path it picks
+
+
+def test_lokr_picks_the_reshape_path_only_when_far_cheaper():
+    big = lycoris.LoKr(factor=16, dim=10000).apply(nn.Sequential(nn.Linear(1280, 1280))).adapters()[0]
+    assert big._cheaper_by_reshape(torch.randn(1, 256, 1280))  # w1 16x16: the product repeats w2 256 times
+    paper = lycoris.LoKr(factor=8, dim=10000).apply(nn.Sequential(nn.Linear(320, 320))).adapters()[0]
+    assert not paper._cheaper_by_reshape(torch.randn(1, 1024, 320))  # measured slower on the SD slice
 
 
 def test_boft_error_names_the_layer_and_the_sizes_that_work():
