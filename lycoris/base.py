@@ -105,6 +105,11 @@ class Adapter(nn.Module):
         return (bias.to(db.dtype) + self.multiplier * db).to(bias.dtype)
 
     # -- forward --------------------------------------------------------------------------------------
+    @property
+    def channel_dim(self) -> int:
+        """Where channels sit in activations: last for Linear (tokens), 1 for convolution maps."""
+        return -1 if isinstance(self.base, nn.Linear) else 1
+
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         return type(self.base).forward(self.base, x, *args, **kwargs)
 

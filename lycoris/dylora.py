@@ -25,9 +25,7 @@ class DyLoRAAdapter(LoRAAdapter):
             return super()._forward(x)
         blocks = self.dim // self.block_size
         b = self.block_size * int(torch.randint(1, blocks + 1, ()))
-        out = self.base_forward(x)
-        delta = self._bypass(x, self.lora_down.weight[:b], self.lora_up.weight[:, :b], float(self.alpha) / b)
-        return out + (self.multiplier * delta).to(out.dtype)
+        return self._add_bypass(x, self.lora_down.weight[:b], self.lora_up.weight[:, :b], float(self.alpha) / b)
 
 
 class DyLoRA(Strategy):

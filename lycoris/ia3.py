@@ -25,7 +25,6 @@ class IA3Adapter(Adapter):
         shape = (size,) if isinstance(base, nn.Linear) else (1, size, *[1] * (base.weight.dim() - 2))
         self.weight = nn.Parameter(torch.zeros(shape))
         self.register_buffer("on_input", torch.tensor(int(train_on_input)))
-        self.channel_dim = -1 if isinstance(base, nn.Linear) else 1
 
     def _delta(self) -> Tensor:
         w0 = self.w0.to(self.weight.dtype)

@@ -55,8 +55,13 @@ class LoRAAdapter(Adapter):
             return rebuild_tucker(core, up.flatten(1).T, down.flatten(1)) * self.scale
         return rebuild_lowrank(up, down, shape) * self.scale
 
-    def _bypass(self, x: Tensor, down_weight: Tensor, up_weight: Tensor, scale: float) -> Tensor:
-        """up(mid(down(x)))·scale for a (possibly truncated) rank, as the layer's ops."""
+    def _add_bypass(self, x: Tensor, down_weight: Tensor, up_weight: Tensor, scale: float) -> Tensor:
+        """base(x) + m·scale·up(mid(down(x))) for a (possibly truncated) rank, through the layer's ops.
+
+        The scale goes on the rank-r activation and the sum is taken in place, so no output-sized
+        temporaries are made beyond the adapter's own output.
+        """
+        out = self.base_forward(x)
         h = x.to(down_weight.dtype)
         if self.dropout and self.training:
             h = nn.functional.dropout(h, self.dropout)
@@ -65,18 +70,13 @@ class LoRAAdapter(Adapter):
             h = self.lora_mid(h)
         if self.rank_dropout and self.training:
             h = channel_scale(h, rank_mask(h.shape[self.channel_dim], self.rank_dropout, h), self.channel_dim)
-        return layer_op(self.lora_up, h, up_weight, None) * scale
-
-    @property
-    def channel_dim(self) -> int:
-        return -1 if isinstance(self.base, nn.Linear) else 1
+        h = h * (self.multiplier * scale)
+        return out.add_(layer_op(self.lora_up, h, up_weight, None).to(out.dtype))
 
     def _forward(self, x: Tensor) -> Tensor:
         if self.weight_decompose:
             return super()._forward(x)
-        out = self.base_forward(x)
-        delta = self._bypass(x, self.lora_down.weight, self.lora_up.weight, self.scale)
-        return out + (self.multiplier * delta).to(out.dtype)
+        return self._add_bypass(x, self.lora_down.weight, self.lora_up.weight, self.scale)
 
     @classmethod
     def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> LoRAAdapter:
