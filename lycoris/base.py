@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import kernel_size, layer_op, rank_mask, row_norm, weight_decompose
+from .functional import column_norm, kernel_size, layer_op, rank_mask, row_norm, weight_decompose
 from .targeting import PRESETS, Preset, lycoris_name, matches, supported_layers
 
 
@@ -34,6 +34,7 @@ class Adapter(nn.Module):
         rank_dropout: dropout over rank channels (output rows for weight-space algorithms) while training.
         module_dropout: probability of skipping the whole adapter for a training step.
         weight_decompose: DoRA: learn a per-output-row magnitude (``dora_scale``) on top of ΔW.
+        dora_on_input: DoRA magnitudes per input column instead (only to read such files).
     """
 
     #: File suffixes whose presence identifies this algorithm (checked by `lycoris.load_file`).
@@ -47,6 +48,7 @@ class Adapter(nn.Module):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         weight_decompose: bool = False,
+        dora_on_input: bool = False,
     ):
         super().__init__()
         object.__setattr__(self, "base", base)  # deliberately not registered: base weights stay the model's
@@ -55,7 +57,8 @@ class Adapter(nn.Module):
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.weight_decompose = weight_decompose
         if weight_decompose:
-            self.dora_scale = nn.Parameter(row_norm(base.weight.detach().float()))
+            norm = column_norm if dora_on_input else row_norm
+            self.dora_scale = nn.Parameter(norm(base.weight.detach().float()))
         # While merged: (multiplier, original weight, original bias), so that unmerge is exact.
         self._merged: tuple[float, Tensor, Tensor | None] | None = None
         self._saved_requires_grad: list[bool] = []
@@ -186,6 +189,13 @@ class Adapter(nn.Module):
     @classmethod
     def detects(cls, tensors: dict[str, Tensor]) -> bool:
         return any(k in tensors for k in cls.signature)
+
+    @staticmethod
+    def dora_args(base: nn.Module, tensors: dict[str, Tensor]) -> dict[str, bool]:
+        """The DoRA constructor arguments a file's ``dora_scale`` implies (absent, per row, per column)."""
+        scale = tensors.get("dora_scale")
+        return {"weight_decompose": scale is not None,
+                "dora_on_input": scale is not None and scale.shape[0] != base.weight.shape[0]}
 
     def extra_repr(self) -> str:
         return f"{type(self.base).__name__}{tuple(self.base.weight.shape)}"

@@ -125,14 +125,24 @@ class HadamardProduct(torch.autograd.Function):
 
 
 def row_norm(w: Tensor) -> Tensor:
-    """L2 norm of each output row of a weight, shaped to broadcast against it."""
+    """L2 norm of each output row of a weight, shaped to broadcast against it: (out, 1, ...)."""
     return w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *[1] * (w.dim() - 1))
 
 
+def column_norm(w: Tensor) -> Tensor:
+    """L2 norm of each input column of a weight, shaped to broadcast against it: (1, in, 1, ...)."""
+    return row_norm(w.transpose(0, 1)).transpose(0, 1)
+
+
 def weight_decompose(w0: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
-    """DoRA: the adapted weight m·(W0+ΔW)/‖W0+ΔW‖, norm per output row (what UIs compute from dora_scale)."""
+    """DoRA: the adapted weight m·(W0+ΔW)/‖W0+ΔW‖ (what UIs compute from dora_scale).
+
+    The norm is per output row when ``magnitude`` has one value per row (ours, LyCORIS' default), per input
+    column otherwise (LyCORIS' ``wd_on_output=False`` files), the rule ComfyUI applies too.
+    """
     w = w0 + delta
-    return w * (magnitude / (row_norm(w) + torch.finfo(w.dtype).eps))
+    norm = row_norm(w) if magnitude.shape[0] == w.shape[0] else column_norm(w)
+    return w * (magnitude / (norm + torch.finfo(w.dtype).eps))
 
 
 def cayley(blocks: Tensor, constraint: float) -> Tensor:

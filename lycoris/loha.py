@@ -64,7 +64,7 @@ class LoHaAdapter(Adapter):
         tucker = "hada_t1" in tensors
         dim = tensors["hada_w1_b"].shape[0]
         alpha = float(tensors["alpha"]) if "alpha" in tensors else dim
-        return cls(base, dim, alpha, use_tucker=tucker, weight_decompose="dora_scale" in tensors)
+        return cls(base, dim, alpha, use_tucker=tucker, **cls.dora_args(base, tensors))
 
 
 class LoHa(Strategy):

@@ -141,7 +141,7 @@ class LoKrAdapter(Adapter):
         alpha = float(tensors["alpha"]) if "alpha" in tensors else dim
         return cls(
             base, dim, alpha, use_tucker="lokr_t2" in tensors, full_w1=full_w1, full_w2=full_w2,
-            w1_shape=w1_shape, weight_decompose="dora_scale" in tensors,
+            w1_shape=w1_shape, **cls.dora_args(base, tensors),
         )
 
 

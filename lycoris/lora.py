@@ -84,7 +84,7 @@ class LoRAAdapter(Adapter):
         dim = down.shape[0]
         alpha = float(tensors["alpha"]) if "alpha" in tensors else dim
         return cls(base, dim, alpha, use_tucker="lora_mid.weight" in tensors,
-                   weight_decompose="dora_scale" in tensors)
+                   **cls.dora_args(base, tensors))
 
 
 class LoRA(Strategy):

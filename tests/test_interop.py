@@ -58,19 +58,13 @@ COFT_REASON = (
     "constraint * out_dim, alpha stores the bare constraint); we cap at alpha itself, as ComfyUI reads it "
     "(lycoris/functional.py cayley, called with float(self.alpha) in lycoris/oft.py rotation)"
 )
-DORA_ON_INPUT_REASON = (
-    "DoRA with the library's wd_on_output=False: dora_scale holds one norm per *input* channel, shaped "
-    "(1, in[, 1, 1]), and the weight is normalised per input column; we only know the per-output-row form "
-    "(lycoris/base.py Adapter.__init__ builds dora_scale as row_norm(W0), shape (out, 1[, 1, 1]), and "
-    "lycoris/functional.py weight_decompose normalises rows), so load_file rejects the file on its shape"
-)
 DORA_STRENGTH_REASON = (
     "multiplier with DoRA: the library computes (W0+ΔW)·(m·(s/||W0+ΔW|| - 1) + 1), ΔW unscaled inside the "
     "norm; ours is W0 + m·(DoRA(W0+ΔW) - W0), linear in m, as ComfyUI's weight_decompose applies strength"
 )
-XFAIL_REASONS = {"coft": COFT_REASON, "dora_on_input": DORA_ON_INPUT_REASON}
+XFAIL_REASONS = {"coft": COFT_REASON}
 STRENGTH_REASONS = {
-    "dora_on_input": f"{DORA_ON_INPUT_REASON}; and {DORA_STRENGTH_REASON}",
+    "dora_on_input": DORA_STRENGTH_REASON,
     "coft": COFT_REASON,
     "oft_rescaled": (
         "multiplier with rescale: the library computes rescale * (I + m(R - I))^T W0, which is rescale * W0 "
