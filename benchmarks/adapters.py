@@ -1,68 +1,170 @@
 """Adapter training cost against the frozen-model floor, and merged inference against the base model.
 
-Blocks (SD 1.5 shapes, batch 1, 32×32 latents = 1024 tokens): a Transformer2DModel (320 channels, 8 heads
-× 40, cross-attention to 77×768; every Linear/Conv in it adapted, i.e. the paper's attn-mlp layers) and a
-ResnetBlock2D (320 channels, 3×3 convs, 1280-d time embedding; every layer adapted).
+Blocks, SD 1.5 shapes at batch 1 and 32×32 latents, nested under their SD 1.5 module paths so that the
+presets select exactly what they select in a real UNet:
 
-For each algorithm at the paper's defaults (LoRA dim 8 α 4, LoHa dim 4 α 2, LoKr factor 8 dim 10000 α 1, ...):
-- step: median time of forward + backward of a training step, divided by the floor's — the same block
-  frozen, with gradients only for its input (what any adapter must at least pay). Adapter and floor steps
-  alternate in one process (attach, step, detach, step, ...) so that the machine's drift hits both alike;
-- memory: peak memory of one step above what was allocated before it (CUDA: max_memory_allocated; CPU: the
-  process's peak RSS, so every case runs in a fresh subprocess), divided by the floor's;
-- merged: median no-grad forward time after `net.merge()`, divided by the base block's, alternating the
-  same way (should be 1.00).
+- ``transformer``: ``down_blocks.0.attentions.0``, a Transformer2DModel (320 channels, 8 heads × 40,
+  1024 tokens, cross-attention to 77×768) with preset ``attn-mlp``, the paper's (q/k/v/out of both
+  attentions, the GEGLU MLP, proj_in/proj_out: 12 layers);
+- ``resnet``: ``down_blocks.0.resnets.0``, a ResnetBlock2D (320 channels, two 3×3 convs, 1280-d time
+  embedding) with preset ``full`` (conv1, conv2, time_emb_proj).
 
-    python benchmarks/adapters.py [--repeats 5] [--device cpu|cuda] [--bf16] [--json out.json]
+Every algorithm runs at the paper's defaults (LoRA dim 8 α 4, LoHa dim 4 α 2, LoKr factor 8 dim 10000 α 1;
+the others as in ``ALGORITHMS``), its parameters nudged off their init so that no zero factor lets a path
+be skipped. Per block:
+
+- **step / floor**: time of one training step (forward, then backward of the output's mean square) with
+  the adapter, over the *floor*'s: the same block frozen (no parameter needs a gradient) with gradients
+  only for its input, which is what any adapter pays, since inside a network a block's input always needs
+  a gradient. Detaching an adapter gives the floor back, so every case runs on the very same block.
+  Cases run round-robin, shuffled each round, after a warm-up round; the ratio is the median over rounds
+  of the case's time over the floor's in the same round, so a slowdown of the machine that lasts a round
+  cancels and one that hits a single step is outvoted. Rounds: at least ``--repeats``, more while they fit
+  in ``--budget`` seconds per phase.
+- **memory / floor**: peak memory allocated *during* one step (activations kept for backward,
+  temporaries, gradients) above what was allocated before it, over the floor's. CUDA:
+  ``torch.cuda.max_memory_allocated``. CPU: the same quantity from the PyTorch profiler's allocator events
+  (every tensor allocation and free, summed in time order): exact and repeatable, unlike the process's
+  peak RSS. Scratch space that oneDNN/BLAS take outside PyTorch's allocator is not counted; the base ops
+  are the same in every case.
+- **merged / base**: no-grad forward time (eval mode) after ``net.merge()`` over the base block's,
+  measured round-robin the same way. A merged network is the base model, so this should print 1.00.
+
+On CPU, other work on the machine distorts multi-threaded timings unevenly (every op waits for its
+slowest thread, and adapters add ops), so the header prints the load; where it is high, ``--threads 1``
+gives steadier ratios. Memory does not depend on it.
+
+    python benchmarks/adapters.py [--quick] [--repeats N] [--budget S] [--threads N]
+                                  [--device cpu|cuda] [--bf16] [--blocks ...] [--algorithms ...] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
+import math
+import os
+import random
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 import lycoris
 
-ALGORITHMS: dict[str, Callable[[], lycoris.Strategy | None]] = {
-    "floor": lambda: None,
-    "LoRA": lambda: lycoris.LoRA(dim=8, alpha=4),
-    "LoHa": lambda: lycoris.LoHa(dim=4, alpha=2),
-    "LoKr": lambda: lycoris.LoKr(factor=8, dim=10000, alpha=1),
-    "DyLoRA": lambda: lycoris.DyLoRA(dim=8, alpha=4, block_size=2),
-    "GLoRA": lambda: lycoris.GLoRA(dim=8, alpha=4),
-    "IA3": lambda: lycoris.IA3(),
-    "OFT": lambda: lycoris.OFT(dim=4),
-    "BOFT": lambda: lycoris.BOFT(dim=10),
-    "DoRA": lambda: lycoris.LoRA(dim=8, alpha=4, weight_decompose=True),
-    "Full": lambda: lycoris.Full(),
+#: name → the strategy at the paper's defaults, given the block's preset.
+ALGORITHMS: dict[str, Callable[[str], lycoris.Strategy]] = {
+    "LoRA": lambda preset: lycoris.LoRA(dim=8, alpha=4, preset=preset),
+    "LoHa": lambda preset: lycoris.LoHa(dim=4, alpha=2, preset=preset),
+    "LoKr": lambda preset: lycoris.LoKr(factor=8, dim=10000, alpha=1, preset=preset),
+    "DyLoRA": lambda preset: lycoris.DyLoRA(dim=8, alpha=4, block_size=1, preset=preset),
+    "GLoRA": lambda preset: lycoris.GLoRA(dim=8, alpha=4, preset=preset),
+    "IA3": lambda preset: lycoris.IA3(preset=preset),
+    "OFT": lambda preset: lycoris.OFT(dim=4, preset=preset),  # 4×4 blocks: 80 of them on 320 rows
+    "BOFT": lambda preset: lycoris.BOFT(dim=10, preset=preset),  # 320 = 10·2⁵: blocks of 10, 6 stages
+    "DoRA": lambda preset: lycoris.LoRA(dim=8, alpha=4, weight_decompose=True, preset=preset),
+    "Full": lambda preset: lycoris.Full(preset=preset),
 }
+FLOOR = "floor"
+MAX_ROUNDS = 50
 
 
-def build(block: str, device: str) -> tuple[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
-    from diffusers.models.resnet import ResnetBlock2D
+@dataclass
+class Block:
+    """A benchmark block: ``root`` carries the SD 1.5 module paths, ``forward`` runs the block itself."""
+
+    root: nn.Module
+    forward: Callable[[Tensor], Tensor]
+    x: Tensor
+    preset: str
+
+
+@dataclass
+class Case:
+    """A configuration of the block: ``setup`` before the timed call, ``teardown`` after it (untimed)."""
+
+    setup: Callable[[], object]
+    teardown: Callable[[], object]
+
+
+@dataclass
+class Settings:
+    device: str
+    bf16: bool
+    rounds: int  # at least this many timed rounds per phase,
+    budget_s: float  # and more while they fit in this many seconds
+
+
+def nest(path: str, leaf: nn.Module) -> nn.Module:
+    """A module tree in which ``leaf`` sits at the dotted ``path`` (numeric parts become ModuleLists)."""
+    node = leaf
+    for part in reversed(path.split(".")):
+        if part.isdigit():
+            node = nn.ModuleList([nn.Module() for _ in range(int(part))] + [node])
+        else:
+            parent = nn.Module()
+            parent.add_module(part, node)
+            node = parent
+    return node
+
+
+def build_transformer(device: str) -> Block:
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
     torch.manual_seed(0)
+    block = Transformer2DModel(num_attention_heads=8, attention_head_dim=40, in_channels=320,
+                               cross_attention_dim=768, norm_num_groups=32).to(device)
+    context = torch.randn(1, 77, 768, device=device)
     x = torch.randn(1, 320, 32, 32, device=device)
-    if block == "transformer":
-        module = Transformer2DModel(num_attention_heads=8, attention_head_dim=40, in_channels=320,
-                                    cross_attention_dim=768, norm_num_groups=32).to(device)
-        context = torch.randn(1, 77, 768, device=device)
-        return module, lambda h: module(h, encoder_hidden_states=context).sample, x
-    module = ResnetBlock2D(in_channels=320, out_channels=320, temb_channels=1280).to(device)
+    return Block(nest("down_blocks.0.attentions.0", block),
+                 # a tuple, not diffusers' deprecated output class (which warns on every construction)
+                 lambda h: block(h, encoder_hidden_states=context, return_dict=False)[0], x, "attn-mlp")
+
+
+def build_resnet(device: str) -> Block:
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = ResnetBlock2D(in_channels=320, out_channels=320, temb_channels=1280).to(device)
     temb = torch.randn(1, 1280, device=device)
-    return module, lambda h: module(h, temb), x
+    x = torch.randn(1, 320, 32, 32, device=device)
+    return Block(nest("down_blocks.0.resnets.0", block), lambda h: block(h, temb), x, "full")
 
 
-def once(fn: Callable[[], object], device: str) -> float:
+BLOCKS: dict[str, Callable[[str], Block]] = {"transformer": build_transformer, "resnet": build_resnet}
+
+
+def make_network(block: Block, algorithm: str) -> lycoris.Network:
+    """The algorithm's network on ``block``, parameters nudged off their init, left detached."""
+    net = ALGORITHMS[algorithm](block.preset).apply(block.root, prefix="lora_unet")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 1e-3)
+    net.remove()  # networks take turns on the same layers
+    return net
+
+
+def attach(net: lycoris.Network, merged: bool = False) -> None:
+    for adapter in net.adapters():
+        adapter.attach()
+    if merged:
+        net.merge()
+
+
+def detach(net: lycoris.Network) -> None:
+    for adapter in net.adapters():
+        adapter.detach()  # unmerges too: the exact original weights
+        for p in adapter.parameters():
+            p.grad = None
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -72,113 +174,167 @@ def once(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(fn: Callable[[], object], setup_a: Callable[[], object], setup_b: Callable[[], object],
-                repeats: int, device: str) -> float:
-    """Median time of ``fn`` after ``setup_a`` over that after ``setup_b`` (setups untimed), alternating the
-    two so that drift of the machine hits both alike."""
-    times: tuple[list[float], list[float]] = ([], [])
-    for i in range(repeats + 2):  # the first two rounds warm up allocator, kernels and caches
-        setup_a()
-        ta = once(fn, device)
-        setup_b()
-        tb = once(fn, device)
-        if i >= 2:
-            times[0].append(ta)
-            times[1].append(tb)
-    return statistics.median(times[0]) / statistics.median(times[1])
+def round_robin(cases: dict[str, Case], fn: Callable[[], object], settings: Settings) -> dict[str, list[float]]:
+    """Times of ``fn`` per case, one per round, the cases in a new shuffled order each round.
+
+    An untimed warm-up round first (allocator, kernels, caches); its wall time sets the number of rounds.
+    """
+    order = list(cases)
+    rng = random.Random(0)
+
+    def one_round() -> dict[str, float]:
+        rng.shuffle(order)  # no case always follows the same one
+        times = {}
+        for name in order:
+            cases[name].setup()
+            times[name] = timed(fn, settings.device)
+            cases[name].teardown()
+        return times
+
+    start = time.perf_counter()
+    one_round()
+    warmup_s = time.perf_counter() - start
+    rounds = min(MAX_ROUNDS, max(settings.rounds, math.ceil(settings.budget_s / warmup_s)))
+    results = [one_round() for _ in range(rounds)]
+    return {name: [r[name] for r in results] for name in cases}
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def ratio_to_floor(times: dict[str, list[float]], name: str) -> float:
+    """Median over rounds of the case's time over the floor's in the same round."""
+    return statistics.median(t / f for t, f in zip(times[name], times[FLOOR]))
 
 
-def measure(block: str, algorithm: str, device: str, repeats: int, bf16: bool) -> dict[str, float]:
-    """One case, in this process: peak memory of a training step; for adapters, also the step time against
-    the floor and merged inference against the base, each measured alternately in this process."""
-    module, forward, x = build(block, device)
-    module.requires_grad_(False)
-    strategy = ALGORITHMS[algorithm]()
-    net = strategy.apply(module, prefix="lora_unet") if strategy else None  # attached for the memory step
-    if net is not None:
-        with torch.no_grad():  # a trained-looking adapter, so no path is skipped for being zero
-            for p in net.parameters():
-                p.add_(torch.randn_like(p) * 1e-3)
-    inp = x.clone().requires_grad_()  # inside a network the block's input always needs a gradient
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2: the profiler's C++ side logs every start and stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
-    def step() -> None:
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
-            out = forward(inp)
-        out.float().square().mean().backward()
-        if net is not None:
-            for p in net.parameters():
-                p.grad = None
-        inp.grad = None
 
+def running_sums(values: Iterable[int]) -> Iterator[int]:
+    total = 0
+    for v in values:
+        total += v
+        yield total
+
+
+def peak_bytes(fn: Callable[[], object], device: str) -> int:
+    """Peak memory allocated while ``fn`` runs, above what was allocated when it started."""
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    else:
-        before = rss_bytes()
-    step()
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) - before
-    result = {"peak_bytes": float(max(peak, 1))}
-    if net is None:
-        return result
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The raw allocator events (+bytes on allocation, −bytes on free): the FunctionEvent list folds most of
+    # them into the ops that made them.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    return max(running_sums(n for _, n in events), default=0)
 
-    def attach() -> None:
-        for adapter in net.adapters():
-            adapter.attach()
 
-    def detach() -> None:
-        for adapter in net.adapters():
-            adapter.detach()
+def measure_block(block: Block, algorithms: list[str], settings: Settings) -> dict[str, dict]:
+    """Per case, ``floor`` first: adapter parameter count, step times per round, peak step bytes, merged
+    forward times per round."""
+    device = settings.device
+    block.root.requires_grad_(False)
+    nets = {name: make_network(block, name) for name in algorithms}
+    inp = block.x.clone().requires_grad_()
 
-    def attach_merged() -> None:
-        attach()
-        net.merge()
+    def autocast() -> torch.autocast:
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=settings.bf16)
 
-    net.remove()  # from here on the setups attach and detach it
-    result["step_ratio"] = interleaved(step, attach, detach, repeats, device)
+    def step() -> None:
+        with autocast():
+            loss = block.forward(inp).float().square().mean()  # no name holds the output during backward
+        loss.backward()
+
+    def forward() -> None:
+        with autocast():
+            block.forward(block.x)
+
+    def clear_input_grad() -> None:
+        inp.grad = None
+
+    def case(net: lycoris.Network | None, merged: bool = False) -> Case:
+        if net is None:
+            return Case(lambda: None, clear_input_grad)
+        return Case(lambda: attach(net, merged), lambda: (detach(net), clear_input_grad()))
+
+    train_cases = {FLOOR: case(None), **{name: case(net) for name, net in nets.items()}}
+    block.root.train()
+    step_s = round_robin(train_cases, step, settings)
+    memory = {}
+    for name, c in train_cases.items():
+        torch.manual_seed(0)  # DyLoRA samples its rank per step: the same one in every run
+        c.setup()
+        memory[name] = peak_bytes(step, device)
+        c.teardown()
+
+    merged_cases = {FLOOR: case(None), **{name: case(net, merged=True) for name, net in nets.items()}}
+    block.root.eval()
     with torch.no_grad():
-        result["merged_ratio"] = interleaved(lambda: forward(x), attach_merged, detach, repeats, device)
-    return result
+        forward_s = round_robin(merged_cases, forward, settings)
+    return {name: {"params": sum(p.numel() for p in nets[name].parameters()) if name in nets else 0,
+                   "step_s": step_s[name], "peak_bytes": memory[name], "forward_s": forward_s[name]}
+            for name in train_cases}
+
+
+def ratios(raw: dict[str, dict]) -> dict[str, dict[str, float]]:
+    steps = {name: r["step_s"] for name, r in raw.items()}
+    forwards = {name: r["forward_s"] for name, r in raw.items()}
+    return {name: {"step": ratio_to_floor(steps, name), "memory": r["peak_bytes"] / raw[FLOOR]["peak_bytes"],
+                   "merged": ratio_to_floor(forwards, name)} for name, r in raw.items() if name != FLOOR}
+
+
+def print_block(name: str, raw: dict[str, dict]) -> None:
+    floor = raw[FLOOR]
+    print(f"{name}: floor step {statistics.median(floor['step_s']) * 1e3:.0f} ms ({len(floor['step_s'])} rounds), "
+          f"peak {floor['peak_bytes'] / 2**20:.1f} MiB; base forward {statistics.median(floor['forward_s']) * 1e3:.0f}"
+          f" ms ({len(floor['forward_s'])} rounds)")
+    for algorithm, r in ratios(raw).items():
+        print(f"{name:<12}{algorithm:<8}{raw[algorithm]['params']:>10,}{r['step']:>12.2f}x{r['memory']:>13.2f}x"
+              f"{r['merged']:>12.2f}x", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="at least this many timed rounds per phase")
+    parser.add_argument("--budget", type=float, default=8.0, help="seconds of timed rounds per phase (4 phases)")
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 1 s per phase: a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the training step")
-    parser.add_argument("--blocks", nargs="+", default=["transformer", "resnet"])
-    parser.add_argument("--algorithms", nargs="+", default=[a for a in ALGORITHMS if a != "floor"])
-    parser.add_argument("--json", help="also write the raw numbers here")
-    parser.add_argument("--case", nargs=2, metavar=("BLOCK", "ALGORITHM"), help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the step and the forward")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
+    parser.add_argument("--blocks", nargs="+", choices=list(BLOCKS), default=list(BLOCKS))
+    parser.add_argument("--algorithms", nargs="+", choices=list(ALGORITHMS), default=list(ALGORITHMS))
+    parser.add_argument("--json", metavar="PATH", help="also write the per-round times, bytes and ratios here")
     args = parser.parse_args()
-    if args.case:  # child process: one case, JSON on stdout
-        print(json.dumps(measure(*args.case, args.device, args.repeats, args.bf16)))
-        return
+    settings = Settings(args.device, args.bf16, 3 if args.quick else args.repeats, 1.0 if args.quick else args.budget)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    print(f"device {args.device}, {torch.get_num_threads()} threads, bf16={args.bf16}, median of {args.repeats}")
-    print(f"{'block':<12}{'algorithm':<10}{'step/floor':>11}{'memory/floor':>14}{'merged/base':>13}")
-    for block in args.blocks:
-        results[block] = {}
-        for algorithm in ["floor", *args.algorithms]:
-            # A fresh process per case: peak RSS is a per-process high-water mark, and no case warms another.
-            cmd = [sys.executable, __file__, "--case", block, algorithm, "--device", args.device,
-                   "--repeats", str(args.repeats), *(["--bf16"] if args.bf16 else [])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            results[block][algorithm] = r = json.loads(out.strip().splitlines()[-1])
-            if algorithm == "floor":
-                continue
-            floor = results[block]["floor"]
-            print(f"{block:<12}{algorithm:<10}{r['step_ratio']:>10.2f}x"
-                  f"{r['peak_bytes'] / floor['peak_bytes']:>13.2f}x{r['merged_ratio']:>12.2f}x", flush=True)
+    print(f"device {args.device}, {torch.get_num_threads()} threads, bf16={args.bf16}, "
+          f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"{'block':<12}{'algo':<8}{'params':>10}{'step/floor':>13}{'memory/floor':>14}{'merged/base':>13}")
+    results = {}
+    for name in args.blocks:
+        raw = measure_block(BLOCKS[name](args.device), args.algorithms, settings)
+        print_block(name, raw)
+        results[name] = {"raw": raw, "ratios": ratios(raw)}
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"device": args.device, "threads": torch.get_num_threads(), "bf16": args.bf16,
+                       "blocks": results}, f, indent=1)
 
 
 if __name__ == "__main__":
