@@ -1,82 +1,133 @@
 """The ``lycoflow`` command.
 
-Until the Lightning ``fit`` command lands, it offers ``lycoflow demo``: train a LoKr adapter on a tiny
-SD-1.x-architecture UNet built from config (no network, no GPU), save it, load it back, merge it.
+``lycoflow fit RECIPE [RECIPE ...] [--key=value ...]`` trains from YAML recipes through LightningCLI: recipes
+are merged in order, then dotted overrides apply (``--model.adapter.init_args.factor=4``); omegaconf
+interpolation works within a recipe. Mistakes in a recipe or the base model are reported in one message that
+names the key or path, with no traceback (``LYCOFLOW_DEBUG=1`` shows it).
 """
 
 from __future__ import annotations
 
-import argparse
+import os
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
-import torch
-from rich.console import Console
-from rich.table import Table
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-import lycoris
-from lycoflow.tiny import tiny_unet
+from .loggers import WandbLogger
+from .models import BaseModelError
 
-console = Console()
+#: Lightning subcommands lycoflow offers, with what each runs.
+LIGHTNING_COMMANDS = {
+    "fit": "train an adapter from recipes (writes adapters, checkpoints, a W&B run)",
+    "validate": "compute the validation loss of a recipe's model (with --ckpt_path to a checkpoint)",
+}
+
+USAGE = """usage: lycoflow COMMAND [RECIPE ...] [--key=value ...]
+
+Fine-tune Stable Diffusion with LyCORIS adapters on PyTorch Lightning.
+
+commands:
+{commands}
+
+examples:
+  lycoflow fit recipes/quickstart.yaml                  # tiny model, generated data, CPU, offline
+  lycoflow fit recipes/lokr.yaml --data.init_args.root=/data/my_concepts
+  lycoflow fit recipes/lokr.yaml --ckpt_path last       # resume an interrupted run
+  lycoflow fit recipes/lora.yaml --print_config         # the resolved recipe, with every default
+  lycoflow fit --help                                   # every option
+"""
 
 
-def demo(out_dir: Path, steps: int, seed: int) -> Path:
-    """Fit LoKr on the tiny UNet to a fixed denoising target and round-trip the adapter file."""
-    unet = tiny_unet(seed=seed).requires_grad_(False)
-    strategy = lycoris.LoKr(factor=4, dim=10000, alpha=1, preset="attn-mlp")
-    net = strategy.apply(unet, prefix="lora_unet")
-    trainable = sum(p.numel() for p in net.parameters())
-    console.print(f"[bold]{strategy}[/]\nadapted {len(net.adapters())} layers, {trainable:,} trainable parameters "
-                  f"({trainable / sum(p.numel() for p in unet.parameters()):.1%} of the UNet)")
+class RecipeSaver(SaveConfigCallback):
+    """Writes the resolved recipe to ``<run folder>/config.yaml``, logs it to W&B, and hands it to the module
+    so that every adapter file carries it."""
 
-    gen = torch.Generator().manual_seed(seed)
-    latents = torch.randn(4, 4, 16, 16, generator=gen)
-    text = torch.randn(4, 7, 32, generator=gen)
-    noise = torch.randn(latents.shape, generator=gen)
-    timesteps = torch.randint(0, 1000, (4,), generator=gen)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=5e-3, weight_decay=0.1, betas=(0.9, 0.99))
-    start = time.perf_counter()
-    for step in range(1, steps + 1):
-        pred = unet(latents + noise, timesteps, encoder_hidden_states=text).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step == 1 or step % max(1, steps // 5) == 0:
-            console.print(f"step {step:3d}  loss {loss.item():.4f}")
-    console.print(f"{steps} steps in {time.perf_counter() - start:.1f}s")
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pl_module.recipe = self.parser.dump(self.config, skip_none=False)
+        super().setup(trainer, pl_module, stage)
 
-    path = lycoris.save_file(out_dir / "demo-lokr.safetensors", {"lora_unet": net}, metadata={"demo": "lokr"})
-    net.eval()
-    with torch.no_grad():
-        trained = unet(latents, timesteps, encoder_hidden_states=text).sample
-        fresh = tiny_unet(seed=seed)
-        loaded = lycoris.load_file(path, {"lora_unet": fresh})["lora_unet"].eval()
-        reloaded = fresh(latents, timesteps, encoder_hidden_states=text).sample
-        loaded.merge()
-        merged = fresh(latents, timesteps, encoder_hidden_states=text).sample
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config.as_dict())
 
-    table = Table(title="adapter file round trip")
-    table.add_column("check")
-    table.add_column("max |difference|", justify="right")
-    table.add_row("reloaded onto a fresh UNet vs trained", f"{(reloaded - trained).abs().max():.2e}")
-    table.add_row("merged into the weights vs trained", f"{(merged - trained).abs().max():.2e}")
-    console.print(table)
-    console.print(f"adapter written to [bold]{path}[/] ({path.stat().st_size / 1024:.0f} KiB)")
-    return path
+
+class LycoflowCLI(LightningCLI):
+    """LightningCLI with `DiffusionFinetune`, any `LightningDataModule` by class_path, and lycoflow's defaults:
+    W&B logging (offline without credentials) into the run folder, seed 0."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # One seed for everything: Lightning's global seed, the noise/timestep draws and the data order.
+        parser.link_arguments("seed_everything", "model.seed")
+        parser.link_arguments("seed_everything", "data.init_args.seed")
+
+    def _bind_run_folder(self) -> None:
+        """Loggers the recipe left without a folder or name write to the run folder and take its name."""
+        run = Path(self.trainer.default_root_dir)
+        logger_config = self.config[self.subcommand]["trainer"].get("logger")
+        init_args = getattr(logger_config, "init_args", None) or {}
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                if not init_args.get("save_dir"):
+                    logger.set_save_dir(run)
+                if not init_args.get("name"):
+                    logger._wandb_init["name"] = logger._name = run.resolve().name
+
+    def before_fit(self) -> None:
+        self._bind_run_folder()
+
+    def before_validate(self) -> None:
+        self._bind_run_folder()
+
+
+def _lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
+    from .module import DiffusionFinetune
+
+    command, rest = argv[0], argv[1:]
+    recipes: list[str] = []
+    while rest and not rest[0].startswith("-"):  # leading positionals are recipes, merged in order
+        recipes.append(rest.pop(0))
+    for recipe in recipes:
+        if not Path(recipe).is_file():
+            raise FileNotFoundError(f"recipe not found: {recipe}")
+    args = [command, *(a for r in recipes for a in ("--config", r)), *rest]
+    return LycoflowCLI(
+        DiffusionFinetune,
+        subclass_mode_data=True,
+        args=args if run else args[1:],
+        run=run,
+        seed_everything_default=0,
+        save_config_callback=RecipeSaver,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": {"class_path": "lycoflow.loggers.WandbLogger"}},
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf"},
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lycoflow", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="train, save, reload and merge a LoKr adapter on a tiny model (CPU, offline)")
-    p_demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
-    p_demo.add_argument("--steps", type=int, default=60, help="optimizer steps (default: 60)")
-    p_demo.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.command == "demo":
-        demo(args.out, args.steps, args.seed)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = "\n".join(f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(commands=commands))
+        return 0 if argv else 2
+    if argv[0] not in LIGHTNING_COMMANDS:
+        print(f"lycoflow: unknown command {argv[0]!r}; choose one of: {', '.join(LIGHTNING_COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        _lightning(argv)
+    except (BaseModelError, FileNotFoundError, NotADirectoryError, ValueError) as err:
+        if os.environ.get("LYCOFLOW_DEBUG"):
+            raise
+        print(f"lycoflow {argv[0]}: error: {err}\n(set LYCOFLOW_DEBUG=1 to see the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

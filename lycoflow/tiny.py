@@ -1,14 +1,33 @@
-"""Tiny Stable-Diffusion-1.x-architecture parts built from config under a fixed seed.
+"""Tiny Stable-Diffusion-1.x-architecture models built from config under a fixed seed.
 
-Same module layout and names as SD 1.5 (so presets, file keys and loaders behave as on the real model),
-with a few thousand times fewer parameters: what tests, the demo and benchmarks run on without a network.
+Same module layout, names and file format as SD 1.5 (so presets, file keys and every loader behave as on the
+real model), with about a thousand times fewer parameters and random weights: what tests, the quickstart
+and benchmarks run on with no network. They prove the machinery, not image quality.
+
+`TinySD` is a base-model source like `lycoflow.models.Pretrained`: on first use it writes a real diffusers
+folder (UNet, VAE, CLIP text encoder, the real 49,408-token CLIP tokenizer, scheduler) to the cache, and
+from then on loads it with the same code that loads SD 1.5.
 """
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 import torch
-from diffusers import UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .cache import cache_dir
+from .models import BaseModel, Components, Pretrained
+
+#: CLIP's special tokens, at the ids OpenAI's tokenizer gives them.
+BOS, EOS = 49406, 49407
 
 
 def tiny_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionModel:
@@ -31,6 +50,7 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionMo
 def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000) -> CLIPTextModel:
     """A 2-layer CLIP text encoder (transformers' CLIPTextModel, as in SD 1.x)."""
     torch.manual_seed(seed)
+    full_vocab = vocab_size > EOS  # the real tokenizer's special ids, else a toy vocabulary's 0/1
     config = CLIPTextConfig(
         hidden_size=hidden_size,
         intermediate_size=64,
@@ -38,8 +58,127 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 10
         num_attention_heads=4,
         vocab_size=vocab_size,
         max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
+        bos_token_id=BOS if full_vocab else 0,
+        eos_token_id=EOS if full_vocab else 1,
+        pad_token_id=EOS if full_vocab else 1,
     )
     return CLIPTextModel(config)
+
+
+def tiny_vae(seed: int = 0) -> AutoencoderKL:
+    """A 4-level AutoencoderKL: 8× spatial reduction to 4 latent channels, as SD's VAE, with 8–32 channels."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+
+
+def sd_scheduler() -> DDIMScheduler:
+    """SD 1.5's noise schedule (scaled-linear betas 0.00085–0.012, 1000 steps, ε-prediction)."""
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable character table that the BPE vocabulary is written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+    """OpenAI's CLIP BPE tokenizer (49,408 tokens), rebuilt from the vocabulary that open-clip-torch ships.
+
+    Writes ``vocab.json`` and ``merges.txt`` into ``folder``. "a photo of a cat" → 49406, 320, 1125, 539, 320,
+    2368, 49407, as OpenAI's.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the CLIP vocabulary comes from open-clip-torch: pip install open-clip-torch")
+    bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    merges = gzip.decompress(bpe.read_bytes()).decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    symbols = list(_bytes_to_unicode().values())
+    vocab = [*symbols, *(s + "</w>" for s in symbols), *("".join(m.split()) for m in merges),
+             "<|startoftext|>", "<|endoftext|>"]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+                         model_max_length=77)
+
+
+def tiny_components(seed: int = 0, tokenizer_folder: str | os.PathLike | None = None) -> Components:
+    """Every part of a tiny SD 1.x model, built from config under ``seed``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = clip_tokenizer(tokenizer_folder or tmp)
+    return Components(
+        unet=tiny_unet(seed), vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)),
+        tokenizer=tokenizer, scheduler=sd_scheduler(),
+    )
+
+
+def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny SD 1.x model as a diffusers folder (model_index.json + one subfolder per part), atomically."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        parts = tiny_components(seed)
+        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+            getattr(parts, name).save_pretrained(tmp / name)
+        (tmp / "model_index.json").write_text(json.dumps({
+            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+            "feature_extractor": [None, None], "requires_safety_checker": False,
+        }, indent=2))
+        if folder.exists():  # another process built it meanwhile: theirs is identical
+            return folder
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+class TinySD(BaseModel):
+    """A tiny SD-1.x-architecture model with random weights (0.9 M-parameter UNet), built on first use.
+
+    It has SD 1.5's module names, VAE reduction (8×), CLIP tokenizer and noise schedule, so recipes, presets
+    and adapter files behave as on SD 1.5; its images are noise. For the quickstart and tests; point a recipe
+    at real weights with `lycoflow.models.Pretrained`.
+
+    Args:
+        folder: where the diffusers folder is written and read; default ``<cache>/models/tiny-sd1-seed<seed>``
+            (cache: ``$LYCOFLOW_CACHE`` or ``~/.cache/lycoflow``).
+        seed: seed of the random weights.
+    """
+
+    def __init__(self, folder: str | None = None, seed: int = 0):
+        self.folder = Path(folder) if folder else cache_dir() / "models" / f"tiny-sd1-seed{seed}"
+        self.seed = seed
+
+    def load(self) -> Components:
+        if not (self.folder / "model_index.json").is_file():
+            save_tiny_sd(self.folder, self.seed)
+        return Pretrained(str(self.folder)).load()
+
+    def __repr__(self) -> str:
+        return f"TinySD(folder={str(self.folder)!r}, seed={self.seed})"

@@ -285,6 +285,8 @@ class Strategy:
     """
 
     _TARGETING = frozenset({"preset", "targets", "exclude", "overrides"})
+    #: The algorithm's name in LyCORIS metadata (``ss_network_args``); a user strategy defaults to its class name.
+    algo: ClassVar[str] = ""
 
     def __init__(
         self,
@@ -382,6 +384,15 @@ class Strategy:
             )
         return Network(adapters, prefix, multiplier)
 
+    def settings(self) -> dict[str, Any]:
+        """Every constructor argument (hyperparameters and targeting) with its current value."""
+        return {k: getattr(self, k) for k in sorted(self.hyperparameters() | self._TARGETING)}
+
+    def network_args(self) -> dict[str, Any]:
+        """kohya/LyCORIS ``ss_network_args`` metadata: ``algo`` and every setting that is not empty."""
+        set_ = {k: v for k, v in self.settings().items() if v is not None and v != [] and v != {}}
+        return {"algo": self.algo or type(self).__name__.lower(), **set_}
+
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in sorted(self.hyperparameters() | self._TARGETING))
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"

@@ -72,6 +72,8 @@ class BOFT(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "boft"
+
     def __init__(self, constraint: float = 0.0, rescaled: bool = False, **kwargs):
         super().__init__(**kwargs)
         if constraint < 0:

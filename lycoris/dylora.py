@@ -36,6 +36,8 @@ class DyLoRA(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "dylora"
+
     def __init__(self, block_size: int = 1, **kwargs):
         super().__init__(**kwargs)
         if block_size < 1:

@@ -40,5 +40,7 @@ class Full(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "full"
+
     def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> FullAdapter:
         return FullAdapter(layer, **self.common())

@@ -63,5 +63,7 @@ class GLoRA(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "glora"
+
     def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> GLoRAAdapter:
         return GLoRAAdapter(layer, dim, alpha, **self.common())

@@ -55,6 +55,8 @@ class IA3(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "ia3"
+
     def __init__(self, train_on_input: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.train_on_input = train_on_input

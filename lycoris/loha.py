@@ -76,6 +76,8 @@ class LoHa(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "loha"
+
     def __init__(self, use_tucker: bool = False, weight_decompose: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.use_tucker = use_tucker

@@ -156,6 +156,8 @@ class LoKr(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "lokr"
+
     def __init__(
         self,
         factor: int = -1,

@@ -96,6 +96,8 @@ class LoRA(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "lora"
+
     def __init__(self, use_tucker: bool = False, weight_decompose: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.use_tucker = use_tucker

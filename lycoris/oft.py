@@ -64,6 +64,8 @@ class OFT(Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    algo = "diag-oft"
+
     def __init__(self, constraint: float = 0.0, rescaled: bool = False, **kwargs):
         super().__init__(**kwargs)
         if constraint < 0:

@@ -1,0 +1,191 @@
+"""Diffusers Stable Diffusion 1.x parts → one original (CompVis/LDM) single-file checkpoint.
+
+The single-file layout is the one of ``v1-5-pruned-emaonly.safetensors`` and of most SD 1.x checkpoints on
+Civitai and the Hub: one flat state dict whose keys are the module paths of the original LDM code,
+
+- ``model.diffusion_model.*``: the UNet (``openaimodel.UNetModel``: ``time_embed``, ``input_blocks``,
+  ``middle_block``, ``output_blocks``, ``out``);
+- ``first_stage_model.*``: the VAE (``encoder``/``decoder`` with ``down``/``mid``/``up``, ``quant_conv``,
+  ``post_quant_conv``);
+- ``cond_stage_model.transformer.text_model.*``: the CLIP text encoder (transformers' own names).
+
+AUTOMATIC1111, ComfyUI, kohya's scripts and diffusers' ``from_single_file`` read it. diffusers converts in
+the other direction only (``diffusers.loaders.single_file_utils``); this is the way back, used to write
+merged models and single-file test fixtures. The mapping is derived from the modules themselves (how many
+blocks, resnets per block, where attention sits), so any SD 1.x-shaped model converts, the tiny one included;
+a parameter with no place in the layout raises instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from torch import Tensor
+from transformers import CLIPTextModel
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+
+#: diffusers ResnetBlock2D parameter → LDM ResBlock (UNet) and ResnetBlock (VAE) names.
+_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
+#: diffusers Attention (VAE mid block) → LDM AttnBlock, whose projections are 1×1 convs.
+_VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+_CLIP_TOP = ("embeddings", "encoder", "final_layer_norm")
+
+
+def _alias(names: dict[str, str], module: str, ldm: str, children: dict[str, str]) -> None:
+    for child, ldm_child in children.items():
+        names[f"{module}.{child}"] = f"{ldm}.{ldm_child}"
+
+
+def _unet_names(unet: UNet2DConditionModel) -> dict[str, str]:
+    """diffusers module path → LDM module path (relative to ``model.diffusion_model.``)."""
+    names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    # LDM keeps the down path as one flat list: each resnet (with its attention, if the block has any)
+    # is one input block, each downsampler another.
+    index = 1
+    for b, block in enumerate(unet.down_blocks):
+        attentions = getattr(block, "attentions", None) or ()
+        for j in range(len(block.resnets)):
+            _alias(names, f"down_blocks.{b}.resnets.{j}", f"input_blocks.{index}.0", _UNET_RESNET)
+            if j < len(attentions):
+                names[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{index}.1"
+            index += 1
+        if block.downsamplers:
+            names[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
+            index += 1
+    # The middle block alternates resnet, attention, resnet.
+    for j in range(len(unet.mid_block.resnets)):
+        _alias(names, f"mid_block.resnets.{j}", f"middle_block.{2 * j}", _UNET_RESNET)
+    for j in range(len(unet.mid_block.attentions)):
+        names[f"mid_block.attentions.{j}"] = f"middle_block.{2 * j + 1}"
+    # Up path: one output block per resnet; the upsampler joins the block's last one, after its attention.
+    index = 0
+    for b, block in enumerate(unet.up_blocks):
+        attentions = getattr(block, "attentions", None) or ()
+        for j in range(len(block.resnets)):
+            _alias(names, f"up_blocks.{b}.resnets.{j}", f"output_blocks.{index}.0", _UNET_RESNET)
+            if j < len(attentions):
+                names[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{index}.1"
+            index += 1
+        if block.upsamplers:
+            names[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{index - 1}.{2 if attentions else 1}.conv"
+    return names
+
+
+def _vae_names(vae: AutoencoderKL) -> dict[str, str]:
+    """diffusers module path → LDM module path (relative to ``first_stage_model.``)."""
+    names = {name: name for name in ("encoder.conv_in", "encoder.conv_out", "decoder.conv_in", "decoder.conv_out",
+                                     "quant_conv", "post_quant_conv")}
+    names |= {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+    for i, block in enumerate(vae.encoder.down_blocks):
+        for j in range(len(block.resnets)):
+            _alias(names, f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", _VAE_RESNET)
+        if block.downsamplers:
+            names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
+    # LDM numbers the decoder's levels by resolution, so its up.0 is the last level applied: reversed order.
+    levels = len(vae.decoder.up_blocks)
+    for i, block in enumerate(vae.decoder.up_blocks):
+        level = levels - 1 - i
+        for j in range(len(block.resnets)):
+            _alias(names, f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", _VAE_RESNET)
+        if block.upsamplers:
+            names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
+    for side in ("encoder", "decoder"):
+        mid = getattr(vae, side).mid_block
+        for j in range(len(mid.resnets)):
+            _alias(names, f"{side}.mid_block.resnets.{j}", f"{side}.mid.block_{j + 1}", _VAE_RESNET)
+        for j in range(len(mid.attentions)):
+            _alias(names, f"{side}.mid_block.attentions.{j}", f"{side}.mid.attn_{j + 1}", _VAE_ATTENTION)
+    return names
+
+
+def _rename(state: dict[str, Tensor], names: dict[str, str], prefix: str, part: str) -> dict[str, Tensor]:
+    """Move every parameter to its LDM name by its longest mapped module path; refuse any left without one."""
+    out = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            module = ".".join(parts[:cut])
+            if module in names:
+                out[f"{prefix}{names[module]}.{'.'.join(parts[cut:])}"] = tensor
+                break
+        else:
+            raise ValueError(f"{part} parameter {key!r} has no place in an SD 1.x single-file checkpoint")
+    return out
+
+
+def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, Tensor]:
+    """The UNet's parameters under ``model.diffusion_model.`` LDM names."""
+    return _rename(unet.state_dict(), _unet_names(unet), UNET_PREFIX, "UNet")
+
+
+def vae_to_ldm(vae: AutoencoderKL) -> dict[str, Tensor]:
+    """The VAE's parameters under ``first_stage_model.`` LDM names, attention projections as 1×1 convs."""
+    state = _rename(vae.state_dict(), _vae_names(vae), VAE_PREFIX, "VAE")
+    # Only the attention projections are 2-D (Linear in diffusers); LDM stores them as (out, in, 1, 1) convs.
+    return {key: t[:, :, None, None] if t.ndim == 2 else t for key, t in state.items()}
+
+
+def text_encoder_to_ldm(text_encoder: CLIPTextModel) -> dict[str, Tensor]:
+    """The CLIP text encoder's parameters under ``cond_stage_model.transformer.text_model.``."""
+    out = {}
+    for key, tensor in text_encoder.state_dict().items():
+        # transformers 5 flattened CLIPTextModel (no ``text_model.`` level); older versions keep it.
+        name = key.removeprefix("text_model.")
+        if name.split(".")[0] not in _CLIP_TOP:
+            raise ValueError(f"text encoder parameter {key!r} has no place in an SD 1.x single-file checkpoint")
+        out[CLIP_PREFIX + name] = tensor
+    return out
+
+
+def to_ldm_state_dict(unet: UNet2DConditionModel, vae: AutoencoderKL,
+                      text_encoder: CLIPTextModel) -> dict[str, Tensor]:
+    """All three parts as one LDM single-file state dict.
+
+    The tensors are the modules' own (views, not copies), so bake or remove adapters before converting.
+    """
+    return {**unet_to_ldm(unet), **vae_to_ldm(vae), **text_encoder_to_ldm(text_encoder)}
+
+
+def save_single_file(path: str | os.PathLike, unet: UNet2DConditionModel, vae: AutoencoderKL,
+                     text_encoder: CLIPTextModel, dtype: torch.dtype | None = None) -> Path:
+    """Write the model as one LDM single-file ``.safetensors`` checkpoint, atomically.
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        unet: the UNet2DConditionModel.
+        vae: the AutoencoderKL.
+        text_encoder: the CLIPTextModel.
+        dtype: cast floating-point tensors to this (e.g. ``torch.float16``, as most shared checkpoints);
+            default: keep each tensor's dtype.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    state = {}
+    for key, tensor in to_ldm_state_dict(unet, vae, text_encoder).items():
+        tensor = tensor.detach().to("cpu")
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        state[key] = tensor.contiguous()  # safetensors refuses strided views (e.g. a transposed parameter)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # A reader (or a crash) never sees half a file: write beside the target, then rename over it.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path

@@ -1,0 +1,101 @@
+"""W&B logging that never stops training: offline by itself without credentials, and a no-op if W&B fails."""
+
+from __future__ import annotations
+
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger as _WandbLogger
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+def wandb_credentials() -> bool:
+    """Whether an API key is configured (``WANDB_API_KEY`` or ``wandb login``'s netrc entry)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]) \
+            is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+class _Null:
+    """Stands in for a W&B run that could not start: every attribute and call does nothing."""
+
+    def __getattr__(self, _: str) -> _Null:
+        return self
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Null:
+        return self
+
+
+class WandbLogger(_WandbLogger):
+    """Lightning's `WandbLogger`, run offline when there is no API key (``WANDB_MODE=offline`` also forces it),
+    retried offline when W&B cannot start online, and replaced by a no-op if it cannot start at all — a
+    training run never fails because of W&B. Offline runs are written to ``<save_dir>/wandb/offline-run-*``;
+    ``wandb sync <that folder>`` uploads them later.
+
+    Args:
+        project: W&B project.
+        name: run name; None lets W&B pick one (the CLI uses the run folder's name).
+        save_dir: where ``wandb/`` is written; None means the Trainer's ``default_root_dir`` (set by the CLI).
+        offline: force offline (True) or online (False); None decides from the credentials.
+        group: W&B group, to gather runs of one configuration (e.g. the seeds of a sweep cell).
+        **kwargs: passed to Lightning's `WandbLogger` and ``wandb.init`` (tags, entity, notes, ...).
+    """
+
+    def __init__(
+        self,
+        project: str = "lycoflow",
+        name: str | None = None,
+        save_dir: str | None = None,
+        offline: bool | None = None,
+        group: str | None = None,
+        **kwargs: Any,
+    ):
+        self.no_credentials = offline is None and not wandb_credentials()
+        if offline is None:
+            offline = self.no_credentials or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+        super().__init__(project=project, name=name, save_dir=save_dir or ".", offline=offline, group=group, **kwargs)
+
+    def set_save_dir(self, path: str | Path) -> None:
+        """Point the run at a folder before it starts (the CLI uses the run folder)."""
+        self._save_dir = self._wandb_init["dir"] = str(path)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        Path(self._save_dir).mkdir(parents=True, exist_ok=True)
+        if self._offline and self.no_credentials:
+            rank_zero_info("W&B: no API key found (set WANDB_API_KEY or run `wandb login`); logging offline")
+        try:
+            return _WandbLogger.experiment.fget(self)
+        except Exception as err:  # noqa: BLE001 — any W&B failure (network, auth, service) must not stop training
+            if not self._offline:
+                rank_zero_warn(f"W&B could not start online ({err}); logging offline instead")
+                self._offline = True
+                try:
+                    return _WandbLogger.experiment.fget(self)
+                except Exception as err2:  # noqa: BLE001
+                    err = err2
+            rank_zero_warn(f"W&B could not start ({err}); training goes on without W&B logging")
+            self._experiment = _Null()
+            return self._experiment
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        run = self._experiment
+        if run is None or isinstance(run, _Null):
+            return
+        folder = Path(run.dir).parent  # run.dir is <run folder>/files
+        run.finish()
+        if self._offline:
+            rank_zero_info(f"W&B run written offline to {folder}; upload it with: wandb sync {folder}")
+        else:
+            rank_zero_info(f"W&B run: {run.url}")

@@ -1,0 +1,146 @@
+"""Where the base Stable Diffusion model comes from: a hub id (downloaded once into the Hugging Face cache), a
+local diffusers folder, or a single-file checkpoint — all through diffusers' own loaders.
+
+A recipe names a source by import path (``lycoflow.models.Pretrained``, ``lycoflow.tiny.TinySD``, or a
+user's own `BaseModel` subclass); `load` returns the parts the training module needs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+#: Checkpoint suffixes that are Python pickles: loading one can run arbitrary code.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class BaseModelError(Exception):
+    """The base model cannot be found or read; the message says which and how to fix it."""
+
+
+@dataclass
+class Components:
+    """The parts of a Stable Diffusion model that training uses."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: SchedulerMixin
+
+    @property
+    def version(self) -> str:
+        """kohya's ``ss_base_model_version``: SD 2.x has 1024-wide cross-attention, SD 1.x 768 (tiny: SD 1.x)."""
+        if self.unet.config.cross_attention_dim != 1024:
+            return "sd_v1"
+        return "sd_v2_768_v" if self.scheduler.config.get("prediction_type") == "v_prediction" else "sd_v2_512"
+
+
+class BaseModel:
+    """A source of a base model. Subclass and implement `load` to bring your own."""
+
+    def load(self) -> Components:
+        raise NotImplementedError
+
+
+class Pretrained(BaseModel):
+    """A Stable Diffusion 1.x/2.x model from the Hub, a local diffusers folder or a single checkpoint file.
+
+    Args:
+        path: a Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; read from the Hugging Face cache
+            when already downloaded, also offline with ``HF_HUB_OFFLINE=1``), a local diffusers folder (with
+            ``model_index.json``), or a single-file checkpoint (``.safetensors``; ``.ckpt`` only with
+            ``trust_pickle``), e.g. one downloaded from Civitai.
+        config: for a single file: the diffusers folder or Hub id whose configs describe its architecture.
+            None lets diffusers infer the model type and fetch its configs (needs the network once).
+        revision: Hub revision (branch, tag or commit).
+        variant: weights variant in the folder/repo, e.g. ``fp16``.
+        trust_pickle: allow ``.ckpt``/``.pt``/``.bin`` checkpoints. They are Python pickles and can run
+            arbitrary code when read: only enable this for files from a source you trust.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        config: str | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        trust_pickle: bool = False,
+    ):
+        self.path, self.config, self.revision, self.variant = path, config, revision, variant
+        self.trust_pickle = trust_pickle
+
+    def load(self) -> Components:
+        local = Path(self.path).expanduser()
+        if local.is_dir():
+            if not (local / "model_index.json").is_file() and not (local / "unet").is_dir():
+                raise BaseModelError(
+                    f"base model folder {local} is not a diffusers folder (no model_index.json or unet/): "
+                    "point `path` at the folder that holds unet/, vae/, text_encoder/, tokenizer/, scheduler/, "
+                    "or at a single .safetensors checkpoint"
+                )
+            return self._from_folder(str(local))
+        if local.suffix.lower() in SINGLE_FILE_SUFFIXES:
+            if not local.is_file():
+                raise BaseModelError(f"base model checkpoint not found: {local}")
+            return self._from_single_file(local)
+        if not _HUB_ID.match(self.path) or self.path.startswith((".", "/", "~")):
+            raise BaseModelError(
+                f"base model not found: {self.path!r} is neither an existing folder or checkpoint file nor a "
+                "Hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+            )
+        try:
+            return self._from_folder(self.path)
+        except OSError as err:  # huggingface_hub raises OSError subclasses for missing repos, files, network
+            raise BaseModelError(
+                f"could not load base model {self.path!r} from the Hugging Face Hub or its cache: "
+                f"{str(err).splitlines()[0]}. Check the id (and `huggingface-cli login` for gated models), or "
+                "download it and point `path` at the folder"
+            ) from None
+
+    def _from_folder(self, path: str) -> Components:
+        kwargs = {"revision": self.revision, "variant": self.variant}
+        return Components(
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=self.revision),
+            scheduler=_scheduler(path, self.revision),
+        )
+
+    def _from_single_file(self, path: Path) -> Components:
+        from diffusers import StableDiffusionPipeline
+
+        if path.suffix.lower() in PICKLE_SUFFIXES and not self.trust_pickle:
+            raise BaseModelError(
+                f"{path} is a pickle checkpoint, which can run arbitrary code when loaded. Prefer a .safetensors "
+                "version of it; if you trust its source, set trust_pickle: true (--model.base.init_args.trust_pickle"
+                "=true)"
+            )
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=self.config, safety_checker=None, requires_safety_checker=False,
+                local_files_only=self.config is not None and Path(self.config).is_dir(),
+            )
+        except (OSError, ValueError, KeyError) as err:
+            raise BaseModelError(
+                f"could not load single-file checkpoint {path}: {str(err).splitlines()[0]}. It must be a Stable "
+                "Diffusion 1.x/2.x checkpoint; offline, pass `config` (a diffusers folder of the same architecture)"
+            ) from None
+        return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+
+    def __repr__(self) -> str:
+        return f"Pretrained(path={self.path!r})"
+
+
+def _scheduler(path: str, revision: str | None) -> SchedulerMixin:
+    # Training only needs the noise schedule; DDPM reads any SD scheduler config (PNDM, DDIM, Euler...).
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)

@@ -1,0 +1,245 @@
+"""`DiffusionFinetune`: the LightningModule that fine-tunes Stable Diffusion with any `lycoris.Strategy`.
+
+The base model (UNet, VAE, text encoder, tokenizer, noise schedule) is frozen; the strategy wraps the targeted
+layers of the UNet (and of the text encoder) and only the adapters' parameters train. The module never asks
+which algorithm it runs: `Full` (native fine-tuning, trained as a weight difference) is one more strategy.
+
+Loss: the paper's eq. (1), ‖ε − ε_θ(z_t, t, c)‖² on VAE latents, or the v-prediction target when the
+scheduler says so; optional min-SNR-γ weighting and noise offset. Caption dropout comes from the data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.models.attention_processor import AttnProcessor2_0
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+import lycoris
+
+from . import __version__
+from .models import BaseModel
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class DiffusionFinetune(L.LightningModule):
+    """Fine-tune a Stable Diffusion 1.x/2.x model with a LyCORIS adapter (or natively, with `lycoris.Full`).
+
+    Args:
+        base: where the base model comes from: `lycoflow.models.Pretrained` (Hub id, diffusers folder or
+            single-file checkpoint) or `lycoflow.tiny.TinySD` (the offline tiny model).
+        adapter: the algorithm and its hyperparameters, e.g. ``lycoris.LoKr`` — applied to the UNet, and to
+            the text encoder unless ``text_encoder_adapter`` gives another.
+        train_text_encoder: also adapt the text encoder (the paper does).
+        text_encoder_adapter: a different strategy for the text encoder; None uses ``adapter``.
+        lr: learning rate of the UNet's adapter (paper: 5e-4 for adapters, 1e-6 for native fine-tuning).
+        text_encoder_lr: learning rate of the text encoder's adapter; None uses ``lr``.
+        optimizer: the optimizer class and its arguments (its ``lr`` is replaced by the two above); None
+            means the paper's AdamW(weight_decay=0.1, betas=(0.9, 0.99)).
+        lr_scheduler: a scheduler applied per step after the warmup; None keeps the rate constant.
+        warmup_steps: linear warmup of the learning rate over this many optimizer steps.
+        prediction_type: the UNet's target; None reads it from the model's scheduler config (SD 2.x-v says
+            ``v_prediction``).
+        min_snr_gamma: weight each sample's loss by min(SNR, γ)/SNR (Hang et al. 2023; 5 is common); None off.
+        noise_offset: add offset·N(0,1) per image and channel to the noise (learns darker/brighter images).
+        gradient_checkpointing: recompute activations in the backward pass of the UNet (and the trained text
+            encoder): much less memory, about 30% slower.
+        weight_dtype: storage dtype of the frozen UNet and text-encoder weights; bfloat16/float16 halve their
+            memory (adapters stay float32; run the Trainer with ``precision: bf16-mixed``). The VAE stays
+            float32: SD's VAE overflows in float16.
+        seed: seed of the noise and timesteps; each batch's draw depends only on (seed, epoch, batch), so a
+            resumed run draws exactly what an uninterrupted one does.
+    """
+
+    def __init__(
+        self,
+        base: BaseModel,
+        adapter: lycoris.Strategy,
+        train_text_encoder: bool = True,
+        text_encoder_adapter: lycoris.Strategy | None = None,
+        lr: float = 5e-4,
+        text_encoder_lr: float | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        warmup_steps: int = 0,
+        prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        gradient_checkpointing: bool = False,
+        weight_dtype: DType = "float32",
+        seed: int = 0,
+    ):
+        super().__init__()
+        parts = base.load()
+        self.base_source, self.adapter = base, adapter
+        self.base_version = parts.version
+        self.tokenizer = parts.tokenizer
+        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
+        self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
+        self.unet = parts.unet.requires_grad_(False).to(_DTYPES[weight_dtype])
+        self.vae = parts.vae.requires_grad_(False).to(torch.float32).eval()
+        self.text_encoder = parts.text_encoder.requires_grad_(False).to(_DTYPES[weight_dtype])
+        self.unet.set_attn_processor(AttnProcessor2_0())  # torch's scaled_dot_product_attention (flash/mem-eff)
+
+        networks = {"lora_unet": adapter.apply(self.unet, prefix="lora_unet")}
+        if train_text_encoder:
+            networks["lora_te"] = (text_encoder_adapter or adapter).apply(self.text_encoder, prefix="lora_te")
+        self.networks = nn.ModuleDict(networks)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if train_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        self.train_text_encoder = train_text_encoder
+        self.lr, self.text_encoder_lr = lr, lr if text_encoder_lr is None else text_encoder_lr
+        self.optimizer_factory, self.lr_scheduler_factory, self.warmup_steps = optimizer, lr_scheduler, warmup_steps
+        self.min_snr_gamma, self.noise_offset, self.seed = min_snr_gamma, noise_offset, seed
+        #: The resolved recipe (YAML), stored in every adapter file; set by the CLI.
+        self.recipe: str | None = None
+        # Only adapters are checkpointed (see on_save_checkpoint); the frozen base is rebuilt from `base`.
+        self.strict_loading = False
+        self._batch_started: float | None = None
+
+    # -- the denoising loss ---------------------------------------------------------------------------
+    def _generator(self, *key: int) -> torch.Generator:
+        """A generator whose state depends only on (seed, rank, *key): resumable and rank-distinct."""
+        seed = hash((self.seed, self.global_rank, *key)) & 0x7FFF_FFFF_FFFF_FFFF
+        return torch.Generator(self.device).manual_seed(seed)
+
+    def encode_text(self, captions: list[str]) -> Tensor:
+        length = self.text_encoder.config.max_position_embeddings  # 77 for CLIP
+        ids = self.tokenizer(captions, padding="max_length", max_length=length, truncation=True,
+                             return_tensors="pt").input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator) -> Tensor:
+        with torch.autocast(self.device.type, enabled=False):  # the VAE runs in float32 whatever the precision
+            latents = self.vae.encode(pixels.float()).latent_dist.sample(generator)
+        return latents * self.vae.config.scaling_factor
+
+    def denoising_loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
+        latents = batch["latents"] if "latents" in batch else self.encode_images(batch["pixel_values"], generator)
+        context = batch["encoder_hidden_states"] if "encoder_hidden_states" in batch else \
+            self.encode_text(batch["caption"])
+        noise = torch.randn(latents.shape, generator=generator, device=self.device)
+        if self.noise_offset:
+            noise = noise + self.noise_offset * torch.randn(
+                (*latents.shape[:2], 1, 1), generator=generator, device=self.device)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
+        pred = self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype)).sample
+        loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if self.min_snr_gamma is not None:
+            alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[t]
+            snr = alphas / (1 - alphas)
+            clipped = snr.clamp(max=self.min_snr_gamma)
+            loss = loss * (clipped / snr if self.prediction_type == "epsilon" else clipped / (snr + 1))
+        return loss.mean()
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        loss = self.denoising_loss(batch, self._generator(self.current_epoch, batch_idx))
+        size = len(batch["caption"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        # Same noise and timesteps at every validation, so values are comparable across epochs.
+        loss = self.denoising_loss(batch, self._generator(-1, batch_idx))
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
+        return loss
+
+    # -- throughput, gradient norm, learning rates ----------------------------------------------------
+    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
+        elapsed = time.perf_counter() - self._batch_started
+        images = len(batch["caption"]) * self.trainer.world_size
+        self.log("train/images_per_s", images / elapsed, batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        norms = [p.grad.detach().norm() for p in self.networks.parameters() if p.grad is not None]
+        if norms:
+            self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
+        for group in optimizer.param_groups:
+            self.log(f"train/lr_{group['name']}", group["lr"], batch_size=1)
+
+    # -- optimisation ---------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        groups = [{"name": "unet", "params": list(self.networks["lora_unet"].parameters()), "lr": self.lr}]
+        if self.train_text_encoder:
+            groups.append({"name": "text_encoder", "params": list(self.networks["lora_te"].parameters()),
+                           "lr": self.text_encoder_lr})
+        # Each group carries its rate, which wins over the optimizer's own default.
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(groups, weight_decay=0.1, betas=(0.9, 0.99))
+        else:
+            optimizer = self.optimizer_factory(groups)
+        warmup = max(self.warmup_steps, 0)
+        schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
+        if warmup:
+            schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)))
+        if self.lr_scheduler_factory is not None:
+            schedulers.append(self.lr_scheduler_factory(optimizer))
+        if not schedulers:
+            return optimizer
+        scheduler = schedulers[0] if len(schedulers) == 1 else torch.optim.lr_scheduler.SequentialLR(
+            optimizer, schedulers, milestones=[warmup])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints and adapter files ----------------------------------------------------------------
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        return {f"networks.{k}": v for k, v in self.networks.state_dict().items()}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen base (GBs for SD) is rebuilt from `base` on resume; only the adapters are state.
+        checkpoint["state_dict"] = self.trainable_state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected, found = set(self.trainable_state_dict()), set(checkpoint["state_dict"])
+        if expected != found:
+            missing, extra = sorted(expected - found), sorted(found - expected)
+            raise ValueError(
+                "this checkpoint was written with a different adapter configuration: "
+                f"{len(missing)} adapter tensors missing (e.g. {missing[:2]}), {len(extra)} unexpected "
+                f"(e.g. {extra[:2]}); resume with the recipe that wrote it"
+            )
+
+    def adapter_metadata(self, output_name: str) -> dict[str, str]:
+        """kohya-compatible metadata (what A1111/ComfyUI and civitai show), plus the resolved recipe."""
+        args = self.adapter.network_args()
+        meta = {
+            "ss_base_model_version": self.base_version,
+            "ss_network_module": "lycoris.kohya",
+            "ss_network_dim": str(self.adapter.dim),
+            "ss_network_alpha": str(self.adapter.dim if self.adapter.alpha is None else self.adapter.alpha),
+            "ss_network_args": json.dumps(args, default=str),
+            "ss_output_name": output_name,
+            "ss_epoch": str(self.current_epoch + 1),
+            "ss_steps": str(self.global_step),
+            "ss_seed": str(self.seed),
+            "lycoflow_version": __version__,
+        }
+        if self.recipe is not None:
+            meta["lycoflow_recipe"] = self.recipe
+        return meta
+
+    def save_adapter(self, path: str | Path, dtype: DType = "float16", output_name: str | None = None) -> Path:
+        """Write the trained adapters as one LyCORIS/kohya file (UNet keys ``lora_unet_*``, text encoder
+        ``lora_te_*``), atomically."""
+        path = Path(path)
+        return lycoris.save_file(path, dict(self.networks), metadata=self.adapter_metadata(output_name or path.stem),
+                                 dtype=_DTYPES[dtype])
