@@ -62,13 +62,15 @@ class RunCheckpoint(ModelCheckpoint):
     Args:
         every_n_epochs: also keep ``epoch=E.ckpt`` every this many epochs (``last.ckpt`` follows every epoch).
         save_top_k: how many of those to keep (-1: all).
+        filename: name pattern of the kept checkpoints.
+        save_last: keep ``last.ckpt``, which ``--ckpt_path last`` resumes from.
         **kwargs: any other `ModelCheckpoint` argument.
     """
 
-    def __init__(self, every_n_epochs: int = 1, save_top_k: int = 1, **kwargs):
-        kwargs.setdefault("save_last", True)
-        kwargs.setdefault("filename", "{epoch}")
-        super().__init__(every_n_epochs=every_n_epochs, save_top_k=save_top_k, **kwargs)
+    def __init__(self, every_n_epochs: int = 1, save_top_k: int = 1, filename: str = "{epoch}",
+                 save_last: bool = True, **kwargs):
+        super().__init__(every_n_epochs=every_n_epochs, save_top_k=save_top_k, filename=filename,
+                         save_last=save_last, **kwargs)
 
     def _default_dir(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,8 @@ def _lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"recipe not found: {recipe}")
     args = [command, *(a for r in recipes for a in ("--config", r)), *rest]
+    # We pass the rewritten command line as `args` on purpose (positional recipes become --config).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     return LycoflowCLI(
         DiffusionFinetune,
         subclass_mode_data=True,

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, SchedulerMixin, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 #: Checkpoint suffixes that are Python pickles: loading one can run arbitrary code.
@@ -63,6 +63,8 @@ class Pretrained(BaseModel):
         variant: weights variant in the folder/repo, e.g. ``fp16``.
         trust_pickle: allow ``.ckpt``/``.pt``/``.bin`` checkpoints. They are Python pickles and can run
             arbitrary code when read: only enable this for files from a source you trust.
+        cache_dir: the Hugging Face cache to download to and read from; None uses the default
+            (``$HF_HUB_CACHE``, ``~/.cache/huggingface/hub``).
     """
 
     def __init__(
@@ -72,9 +74,10 @@ class Pretrained(BaseModel):
         revision: str | None = None,
         variant: str | None = None,
         trust_pickle: bool = False,
+        cache_dir: str | None = None,
     ):
         self.path, self.config, self.revision, self.variant = path, config, revision, variant
-        self.trust_pickle = trust_pickle
+        self.trust_pickle, self.cache_dir = trust_pickle, cache_dir
 
     def load(self) -> Components:
         local = Path(self.path).expanduser()
@@ -105,13 +108,14 @@ class Pretrained(BaseModel):
             ) from None
 
     def _from_folder(self, path: str) -> Components:
-        kwargs = {"revision": self.revision, "variant": self.variant}
+        hub = {"revision": self.revision, "cache_dir": self.cache_dir}
         return Components(
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kwargs),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", **kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=self.revision),
-            scheduler=_scheduler(path, self.revision),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=self.variant, **hub),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=self.variant, **hub),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=self.variant, **hub),
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub),
+            # Training only needs the noise schedule; DDPM reads any SD scheduler config (PNDM, DDIM, Euler...).
+            scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **hub),
         )
 
     def _from_single_file(self, path: Path) -> Components:
@@ -125,7 +129,8 @@ class Pretrained(BaseModel):
             )
         try:
             pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=self.config, safety_checker=None, requires_safety_checker=False,
+                str(path), config=self.config, cache_dir=self.cache_dir, safety_checker=None,
+                requires_safety_checker=False,
                 local_files_only=self.config is not None and Path(self.config).is_dir(),
             )
         except (OSError, ValueError, KeyError) as err:
@@ -138,9 +143,3 @@ class Pretrained(BaseModel):
     def __repr__(self) -> str:
         return f"Pretrained(path={self.path!r})"
 
-
-def _scheduler(path: str, revision: str | None) -> SchedulerMixin:
-    # Training only needs the noise schedule; DDPM reads any SD scheduler config (PNDM, DDIM, Euler...).
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=revision)

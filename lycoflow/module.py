@@ -32,6 +32,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # diffusers warns on every .to(dtype), even a no-op one.
+    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+
+
 class DiffusionFinetune(L.LightningModule):
     """Fine-tune a Stable Diffusion 1.x/2.x model with a LyCORIS adapter (or natively, with `lycoris.Full`).
 
@@ -86,9 +91,11 @@ class DiffusionFinetune(L.LightningModule):
         self.tokenizer = parts.tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
-        self.unet = parts.unet.requires_grad_(False).to(_DTYPES[weight_dtype])
-        self.vae = parts.vae.requires_grad_(False).to(torch.float32).eval()
-        self.text_encoder = parts.text_encoder.requires_grad_(False).to(_DTYPES[weight_dtype])
+        # SD's parts have no batch norm and zero dropout, so train mode changes nothing in them; it is what
+        # transformers' gradient checkpointing needs, and it keeps Lightning's module-mode checks quiet.
+        self.unet = _cast(parts.unet.requires_grad_(False).train(), _DTYPES[weight_dtype])
+        self.vae = _cast(parts.vae.requires_grad_(False).train(), torch.float32)
+        self.text_encoder = _cast(parts.text_encoder.requires_grad_(False).train(), _DTYPES[weight_dtype])
         self.unet.set_attn_processor(AttnProcessor2_0())  # torch's scaled_dot_product_attention (flash/mem-eff)
 
         networks = {"lora_unet": adapter.apply(self.unet, prefix="lora_unet")}
