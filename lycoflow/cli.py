@@ -8,12 +8,15 @@ names the key or path, with no traceback (``LYCOFLOW_DEBUG=1`` shows it).
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from .loggers import WandbLogger
@@ -97,6 +100,10 @@ def _lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
     for recipe in recipes:
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"recipe not found: {recipe}")
+        try:  # jsonargparse would report a YAML error without the file's name
+            yaml.safe_load(Path(recipe).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"recipe {recipe} is not valid YAML: {err}") from None
     args = [command, *(a for r in recipes for a in ("--config", r)), *rest]
     # We pass the rewritten command line as `args` on purpose (positional recipes become --config).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
@@ -110,8 +117,19 @@ def _lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"logger": {"class_path": "lycoflow.loggers.WandbLogger"}},
         auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        # Parse errors are raised, not printed with the full usage, so `main` can report them in a few lines.
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,
+                       **{name: {"exit_on_error": False} for name in LIGHTNING_COMMANDS}},
     )
+
+
+#: jsonargparse's explanation of why an optional value is not None: noise when the real error is beside it.
+_NOISE = re.compile(r"^\s*(- Expected a <class 'NoneType'>|Subtypes: .*|Errors:|Given value type: .*|"
+                    r"Does not validate against any of the Union subtypes)\s*$")
+
+
+def _condense(message: str) -> str:
+    return "\n".join(line for line in message.splitlines() if not _NOISE.match(line))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _lightning(argv)
+    except argparse.ArgumentError as err:
+        print(f"lycoflow {argv[0]}: error: {_condense(str(err))}\n(`lycoflow {argv[0]} --help` lists every option)",
+              file=sys.stderr)
+        return 2
     except (BaseModelError, FileNotFoundError, NotADirectoryError, ValueError) as err:
         if os.environ.get("LYCOFLOW_DEBUG"):
             raise
