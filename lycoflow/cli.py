@@ -90,7 +90,8 @@ class LycoflowCLI(LightningCLI):
         self._bind_run_folder()
 
 
-def _lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
+def run_lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
+    """``argv`` = [command, recipe..., --overrides...]; with ``run=False`` only parse and instantiate."""
     from .module import DiffusionFinetune
 
     command, rest = argv[0], argv[1:]
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        _lightning(argv)
+        run_lightning(argv)
     except argparse.ArgumentError as err:
         print(f"lycoflow {argv[0]}: error: {_condense(str(err))}\n(`lycoflow {argv[0]} --help` lists every option)",
               file=sys.stderr)

@@ -1,0 +1,173 @@
+"""`lycoflow fit` end to end on the tiny model and the generated data set: every recipe instantiates, training
+writes adapter files the ecosystem loads, resuming continues exactly, and user errors are one clear message."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors import safe_open
+
+import lycoris
+from lycoflow.cli import main, run_lightning
+from lycoflow.module import DiffusionFinetune
+from lycoflow.synthetic import generate
+from lycoflow.tiny import TinySD, save_tiny_sd
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny model and the quickstart data set, made once for the module."""
+    root = tmp_path_factory.mktemp("fit")
+    model, data = save_tiny_sd(root / "tiny-sd"), generate(root / "data")
+    return [
+        "--model.base=lycoflow.tiny.TinySD", f"--model.base.init_args.folder={model}",
+        "--data=lycoflow.synthetic.SyntheticConcepts", f"--data.init_args.root={data}",
+        "--data.init_args.resolution=64", "--data.init_args.num_workers=0",
+        "--trainer.precision=32-true", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+    ]
+
+
+def fit(recipe, tiny, run_dir, *extra):
+    return run_lightning(["fit", str(recipe), *tiny, f"--trainer.default_root_dir={run_dir}", *extra])
+
+
+def sample_inputs(model):
+    gen = torch.Generator().manual_seed(7)
+    latents, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([100, 700])
+    ids = model.tokenizer(["zqx star, red", "a photo"], padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+    return latents, t, ids
+
+
+@torch.no_grad()
+def run_model(unet, text_encoder, inputs):
+    latents, t, ids = inputs
+    context = text_encoder(ids)[0]
+    return context, unet(latents, t, encoder_hidden_states=context).sample
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_instantiates_with_the_tiny_model(recipe, tiny):
+    config = yaml.safe_load(recipe.read_text())
+    cli = run_lightning(["fit", str(recipe), *tiny, "--trainer.logger=false"], run=False)
+    assert isinstance(cli.model, DiffusionFinetune)
+    assert type(cli.model.adapter).__module__.split(".")[0] == "lycoris"
+    assert f"lycoris.{type(cli.model.adapter).__name__}" == config["model"]["adapter"]["class_path"]
+    assert set(cli.model.networks) == {"lora_unet", "lora_te"}  # the paper trains the text encoder too
+    assert cli.trainer.max_epochs == config["trainer"]["max_epochs"]
+    exports = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "AdapterExport"]
+    assert len(exports) == 1 and exports[0].every_n_epochs == config["trainer"]["callbacks"][0]["init_args"][
+        "every_n_epochs"]
+    if recipe.stem != "quickstart":  # the paper's shared defaults (issue 3)
+        assert config["model"]["adapter"]["init_args"]["preset"] == "attn-mlp"
+        assert config["data"]["init_args"]["batch_size"] == 8 and config["trainer"]["max_epochs"] == 50
+        assert config["data"]["init_args"]["caption_dropout"] == 0.05
+        assert cli.model.lr == (1e-6 if recipe.stem == "full" else 5e-3 if recipe.stem == "ia3" else 5e-4)
+
+
+@pytest.mark.parametrize("name", ["lora", "lokr", "full"])
+def test_fit_writes_adapter_files_that_reproduce_the_trained_model(name, tiny, tmp_path):
+    run = tmp_path / name
+    cli = fit(f"recipes/{name}.yaml", tiny, run, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+              "--trainer.limit_val_batches=0", "--model.lr=1e-3", "--trainer.logger=false")
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    model = cli.model
+    path = run / "adapters" / "epoch=1.safetensors"  # the last epoch is always saved
+    with safe_open(path, "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
+    assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in keys)  # the name the UIs look up
+    assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_base_model_version"] == "sd_v1"
+    assert json.loads(meta["ss_network_args"])["algo"] == name and meta["ss_epoch"] == "1"
+    assert meta["ss_output_name"] == name
+    recipe = yaml.safe_load(meta["lycoflow_recipe"])
+    assert recipe["model"]["adapter"]["class_path"] == type(model.adapter).__module__.split(".")[0] + "." + \
+        type(model.adapter).__name__ and recipe["trainer"]["default_root_dir"] == str(run)
+
+    # Only the adapters are checkpointed, and the checkpoint resumes.
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert state and all(k.startswith("networks.") for k in state)
+
+    # The file on a fresh base model reproduces the trained model (fp16 file, float32 file exactly).
+    model.eval()
+    inputs = sample_inputs(model)
+    trained = run_model(model.unet, model.text_encoder, inputs)
+    fresh = TinySD(folder=str(model.base_source.folder)).load()
+    base = run_model(fresh.unet, fresh.text_encoder, inputs)
+    assert (trained[1] - base[1]).abs().max() > 1e-4  # training moved the model
+    exact = model.save_adapter(tmp_path / "exact.safetensors", dtype="float32")
+    for file, tol in ((exact, 1e-5), (path, 2e-3)):
+        fresh = TinySD(folder=str(model.base_source.folder)).load()
+        lycoris.load_file(file, {"lora_unet": fresh.unet, "lora_te": fresh.text_encoder})
+        for got, want in zip(run_model(fresh.unet, fresh.text_encoder, inputs), trained):
+            torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def test_resume_continues_exactly(tiny, tmp_path):
+    common = ("recipes/quickstart.yaml", tiny)
+    opts = ("--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+            "--data.init_args.caption_dropout=0.3", "--data.init_args.flip=true", "--model.noise_offset=0.05")
+    straight = fit(*common, tmp_path / "straight", "--trainer.max_epochs=2", *opts)
+    fit(*common, tmp_path / "resumed", "--trainer.max_epochs=1", *opts)
+    resumed = fit(*common, tmp_path / "resumed", "--trainer.max_epochs=2", "--ckpt_path=last", *opts)
+    assert resumed.trainer.global_step == straight.trainer.global_step == 6
+    torch.testing.assert_close(resumed.trainer.callback_metrics["train/loss"],
+                               straight.trainer.callback_metrics["train/loss"], atol=1e-6, rtol=1e-5)
+    a, b = straight.model.trainable_state_dict(), resumed.model.trainable_state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+    with safe_open(tmp_path / "resumed" / "adapters" / "epoch=1.safetensors", "pt") as f:
+        names = f.keys()
+        first = {f"networks.{'lora_unet' if k.startswith('lora_unet') else 'lora_te'}.{k}": f.get_tensor(k)
+                 for k in names}
+    assert first.keys() == a.keys()
+    assert any((first[k].float() - a[k]).abs().max() > 1e-3 for k in a)  # the resumed epoch really trained
+
+
+def test_fit_logs_to_an_offline_wandb_run_and_saves_the_recipe(tiny, tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "logged"
+    fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+        "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1")
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+    assert f"W&B run written offline to {offline[0]}" in caplog.text
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["adapter"]["class_path"] == "lycoris.LoKr"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--model.foo=1"], "unrecognized arguments: --model.foo=1"),
+    (["--model.lr=abc"], 'Parser key "model.lr"'),
+    (["--model.adapter=lycoris.NoSuch"], "module 'lycoris' has no attribute 'NoSuch'"),
+    (["--model.adapter.init_args.preset=everything"], "Given value: everything"),
+    (["--model.base.init_args.path=/nonexistent/sd.safetensors"], "checkpoint not found: /nonexistent/sd.safetensors"),
+    (["--model.adapter.init_args.dim=0"], "LoRA: dim=0 must be >= 1"),
+])
+def test_user_errors_are_one_clear_message(args, message, capsys):
+    assert main(["fit", "recipes/lora.yaml", "--data.init_args.root=/nonexistent", "--trainer.logger=false",
+                 *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.splitlines()) <= 8
+
+
+def test_unreadable_recipes_are_named(tmp_path, capsys):
+    assert main(["fit", str(tmp_path / "missing.yaml")]) == 2
+    assert f"recipe not found: {tmp_path / 'missing.yaml'}" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  lr: [1, 2\n")
+    assert main(["fit", str(bad)]) == 2
+    assert f"recipe {bad} is not valid YAML" in capsys.readouterr().err
+    assert main(["fitt"]) == 2 and "unknown command 'fitt'" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fit " in out and "validate " in out and "recipes/quickstart.yaml" in out
