@@ -61,6 +61,8 @@ class WandbLogger(_WandbLogger):
         if offline is None:
             offline = self.no_credentials or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
         super().__init__(project=project, name=name, save_dir=save_dir or ".", offline=offline, group=group, **kwargs)
+        if self._wandb_init.get("anonymous") is None:  # wandb >= 0.19 warns about the key even when unset
+            self._wandb_init.pop("anonymous", None)
 
     def set_save_dir(self, path: str | Path) -> None:
         """Point the run at a folder before it starts (the CLI uses the run folder)."""
@@ -93,9 +95,9 @@ class WandbLogger(_WandbLogger):
         run = self._experiment
         if run is None or isinstance(run, _Null):
             return
-        folder = Path(run.dir).parent  # run.dir is <run folder>/files
+        folder, url = Path(run.dir).parent, run.url  # run.dir is <run folder>/files
         run.finish()
         if self._offline:
             rank_zero_info(f"W&B run written offline to {folder}; upload it with: wandb sync {folder}")
         else:
-            rank_zero_info(f"W&B run: {run.url}")
+            rank_zero_info(f"W&B run: {url}")

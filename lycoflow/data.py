@@ -1,0 +1,694 @@
+"""The hierarchical, class-balanced, captioned training data of DESIGN §5 (paper §5.1).
+
+A dataset is a folder tree ``category/class[/subclass]/`` of images, each with an optional caption file
+beside it (``x.png`` + ``x.txt``: comma-separated tags). Every folder that holds images is one leaf
+concept; its depth says what it is (1: class, 2: category/class, 3: category/class/subclass). kohya's
+``N_name`` image folders mean "repeat each image N times" and name the concept ``name``.
+
+An optional ``dataset.yaml`` at the root describes the concepts (see :func:`load_manifest`)::
+
+    classes:
+      shapes/star:                     # a folder, relative to the root
+        trigger: zqx                   # the concept descriptor that starts every caption ...
+        class_word: star               # ... followed by the class word: "zqx star, tag1, ..., tagk"
+        eval_text: yellow              # replaces the trigger in the text given to CLIP for evaluation
+        drop_tags: [star, yellow]      # tags tied to the concept, removed from its captions
+        prompts: ["{} on a beach"]     # extra evaluation prompts; {} stands for "trigger class_word"
+        repeats: 3                     # fixed repeats per epoch, instead of balancing
+        subclasses:
+          red: {trigger: zqx ruby, drop_tags: [red]}   # shapes/star/red; unset fields inherit
+
+Without a manifest each image folder is a class whose name is its trigger.
+
+Balance: each epoch gives every group (leaf concept, class or category, per ``balance``) exactly as many
+exposures as the largest group has images; within a group every image is seen ``⌊T/n⌋`` times and
+``T mod n`` images chosen afresh each epoch once more. Concepts with explicit repeats are left out of the
+balancing and get exactly ``repeats`` exposures per image.
+
+Determinism: the sampler draws the epoch's order and one 63-bit seed per position from (seed, epoch)
+alone, and yields ``(image index, sample seed)``; the dataset derives the crop, flip, tag shuffle and
+dropouts from that sample seed. Nothing reads the global RNG, so batches do not depend on worker count,
+on earlier epochs, or on what else the process drew (which is what resuming from a checkpoint needs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.utilities import rank_zero_only
+from PIL import Image, ImageOps
+from rich.console import Console
+from rich.table import Table
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+MANIFEST = "dataset.yaml"
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Manifest fields of one class/subclass entry and the Python type each must have.
+ENTRY_FIELDS: dict[str, type] = {
+    "trigger": str, "class_word": str, "eval_text": str, "drop_tags": list, "prompts": list, "repeats": int,
+}
+_KOHYA = re.compile(r"^([1-9][0-9]*)_(.+)$")
+_EXIF_ORIENTATION = 0x0112
+_LAYOUT = "category/class[/subclass]"
+
+Balance = Literal["none", "category", "class", "subclass"]
+OnBadFile = Literal["error", "skip"]
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One leaf class: the images of one folder and how to caption and evaluate them.
+
+    ``eval_text`` defaults to the trigger (no replacement); ``prompts`` hold ``{}`` for :attr:`descriptor`.
+    ``repeats`` is None when the concept is balanced, else its fixed repeats per epoch.
+    """
+
+    category: str
+    class_name: str
+    subclass: str
+    folder: Path
+    trigger: str
+    class_word: str = ""
+    eval_text: str = ""
+    drop_tags: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    repeats: int | None = None
+    images: tuple[Path, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """``category/class/subclass`` without the empty levels, e.g. ``shapes/star``."""
+        return "/".join(p for p in (self.category, self.class_name, self.subclass) if p)
+
+    @property
+    def descriptor(self) -> str:
+        """What every caption starts with: ``"{trigger} {class word}"``."""
+        return f"{self.trigger} {self.class_word}".strip()
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One usable image: its concept (index into the concept list), its cleaned tags and upright size (w, h)."""
+
+    path: Path
+    concept: int
+    tags: tuple[str, ...]
+    size: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class _Folder:
+    path: Path
+    raw: tuple[str, ...]  # folder names as on disk
+    parts: tuple[str, ...]  # logical names: a kohya ``N_`` prefix stripped from image folders
+    images: tuple[Path, ...]
+    repeats: int | None  # kohya's N
+    is_leaf: bool
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def load_manifest(path: Path) -> dict[str, dict[str, Any]]:
+    """Parse and strictly validate a ``dataset.yaml``.
+
+    Returns ``{folder key: fields}``; subclass entries are flattened to ``"class key/subclass"``. A key may
+    also name a category folder, whose fields then apply to every class below it.
+    """
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a readable YAML file ({err}); fix its syntax") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping with the key 'classes', got {type(data).__name__}")
+    for key in data:
+        if key != "classes":
+            raise ValueError(f"{path}: unknown top-level key {key!r}; the only key is 'classes'")
+    classes = data.get("classes") or {}
+    if not isinstance(classes, dict):
+        raise ValueError(f"{path}: 'classes' must map folder paths to class entries")
+    entries: dict[str, dict[str, Any]] = {}
+    for key, value in classes.items():
+        folder = _clean_key(key, path, "classes")
+        fields, subclasses = _parse_entry(value, path, f"classes.{key}", nested=True)
+        _add_entry(entries, folder, fields, path)
+        for sub, sub_value in subclasses.items():
+            where = f"classes.{key}.subclasses.{sub}"
+            sub_fields, _ = _parse_entry(sub_value, path, where, nested=False)
+            _add_entry(entries, f"{folder}/{_clean_key(sub, path, where)}", sub_fields, path)
+    return entries
+
+
+def _clean_key(key: Any, path: Path, where: str) -> str:
+    if not isinstance(key, str) or not key.strip("/ "):
+        raise ValueError(f"{path}: {where}: key {key!r} must be a folder path such as 'shapes/star'")
+    return key.strip("/ ")
+
+
+def _add_entry(entries: dict[str, dict[str, Any]], key: str, fields: dict[str, Any], path: Path) -> None:
+    if key in entries:
+        raise ValueError(f"{path}: folder {key!r} is described twice; merge the two entries")
+    entries[key] = fields
+
+
+def _parse_entry(value: Any, path: Path, where: str, nested: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validate one class entry; returns (fields, subclass entries)."""
+    if value is None:
+        return {}, {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {where}: expected a mapping of fields, got {type(value).__name__}")
+    allowed = sorted(ENTRY_FIELDS) + (["subclasses"] if nested else [])
+    fields: dict[str, Any] = {}
+    subclasses: dict[str, Any] = {}
+    for key, item in value.items():
+        if key == "subclasses" and nested:
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}: {where}.subclasses: expected a mapping of subfolder names to entries")
+            subclasses = item
+        elif key not in ENTRY_FIELDS:
+            raise ValueError(f"{path}: {where}: unknown key {key!r}; allowed keys: {', '.join(allowed)}")
+        else:
+            fields[key] = _check_field(key, item, path, where)
+    return fields, subclasses
+
+
+def _check_field(key: str, item: Any, path: Path, where: str) -> Any:
+    kind = ENTRY_FIELDS[key]
+    if kind is list:
+        if isinstance(item, str):
+            item = [item]
+        if not isinstance(item, list) or not all(isinstance(x, str) for x in item):
+            raise ValueError(f"{path}: {where}.{key}: expected a list of strings, got {item!r}")
+        return tuple(item)
+    if kind is int:
+        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise ValueError(f"{path}: {where}.{key}: expected a whole number >= 1, got {item!r}")
+        return item
+    if not isinstance(item, str) or (key == "trigger" and not item.strip()):
+        raise ValueError(f"{path}: {where}.{key}: expected a non-empty string, got {item!r}")
+    return item.strip()
+
+
+# ---------------------------------------------------------------- folder scan
+
+
+def _walk(root: Path) -> list[_Folder]:
+    """Every non-hidden folder under root (root excluded), depth first in name order."""
+    folders: list[_Folder] = []
+
+    def visit(path: Path, raw: tuple[str, ...], parts: tuple[str, ...], repeats: int | None) -> None:
+        entries = sorted(os.scandir(path), key=lambda e: e.name)
+        subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+        images = tuple(Path(e.path) for e in entries if e.is_file() and _is_image(e.name))
+        if raw:
+            folders.append(_Folder(path, raw, parts, images, repeats, is_leaf=not subdirs))
+        for sub in subdirs:
+            # kohya's convention applies to image folders only, so "2023_trip/" above them keeps its name.
+            holds_images = any(_is_image(name) for name in os.listdir(sub.path))
+            match = _KOHYA.match(sub.name) if holds_images else None
+            name, count = (match.group(2), int(match.group(1))) if match else (sub.name, None)
+            visit(Path(sub.path), raw + (sub.name,), parts + (name,), count)
+
+    visit(root, (), (), None)
+    return folders
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _hierarchy(folder: _Folder) -> tuple[str, str, str]:
+    """(category, class, subclass) from the folder's depth: class, category/class or category/class/subclass."""
+    parts = folder.parts
+    if len(parts) == 1:
+        return "", parts[0], ""
+    if len(parts) == 2:
+        return parts[0], parts[1], ""
+    if len(parts) == 3:
+        return parts
+    raise ValueError(f"{folder.path} is nested {len(parts)} folders deep; the layout is {_LAYOUT}/images")
+
+
+def _make_concept(folder: _Folder, manifest: dict[str, dict[str, Any]]) -> Concept:
+    """Defaults from the folder (trigger = its name, kohya repeats), then each ancestor's manifest entry in turn."""
+    category, class_name, subclass = _hierarchy(folder)
+    values: dict[str, Any] = {"trigger": folder.parts[-1], "repeats": folder.repeats}
+    drop_tags: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = ()
+    for depth in range(1, len(folder.parts) + 1):
+        entry = manifest.get("/".join(folder.parts[:depth])) or manifest.get("/".join(folder.raw[:depth])) or {}
+        # Tag and prompt lists accumulate down the tree; the other fields override.
+        drop_tags += entry.get("drop_tags", ())
+        prompts += entry.get("prompts", ())
+        values.update({k: v for k, v in entry.items() if k not in ("drop_tags", "prompts")})
+    values.setdefault("eval_text", values["trigger"])
+    return Concept(category, class_name, subclass, folder.path, drop_tags=drop_tags, prompts=prompts,
+                   images=folder.images, **values)
+
+
+def _folder_keys(folders: Sequence[_Folder]) -> set[str]:
+    return {"/".join(f.parts) for f in folders} | {"/".join(f.raw) for f in folders}
+
+
+def read_tags(path: Path) -> list[str]:
+    """A caption file's tags: comma- or line-separated, stripped, empties dropped."""
+    return [t.strip() for t in re.split(r"[,\n]", path.read_text(encoding="utf-8")) if t.strip()]
+
+
+def _norm(tag: str) -> str:
+    # Booru-style tags use underscores; compare "five_points" and "Five points" as equal.
+    return " ".join(tag.replace("_", " ").lower().split())
+
+
+def clean_tags(tags: Sequence[str], concept: Concept) -> tuple[str, ...]:
+    """Remove the concept-tied tags and those repeating the caption's head; drop duplicates, keep order."""
+    banned = {_norm(t) for t in (*concept.drop_tags, concept.trigger, concept.class_word, concept.descriptor)}
+    seen: set[str] = set()
+    kept = []
+    for tag in tags:
+        key = _norm(tag)
+        if key and key not in banned and key not in seen:
+            seen.add(key)
+            kept.append(tag)
+    return tuple(kept)
+
+
+def build_caption(head: str, tags: Sequence[str], keep_tokens: int = 1, shuffle: bool = False,
+                  tag_dropout: float = 0.0, rng: np.random.Generator | None = None) -> str:
+    """``"head, tag1, ..., tagk"``; without ``rng`` the tags stay as given.
+
+    The first ``keep_tokens`` comma-separated tokens (the head counts as one) stay in place and are never
+    dropped; the rest are dropped with probability ``tag_dropout`` and shuffled if ``shuffle`` (kohya's
+    semantics).
+    """
+    tokens = [head, *tags] if head else list(tags)
+    fixed, rest = tokens[:keep_tokens], tokens[keep_tokens:]
+    if rng is not None and tag_dropout > 0:
+        rest = [t for t, u in zip(rest, rng.random(len(rest))) if u >= tag_dropout]
+    if rng is not None and shuffle:
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+    return ", ".join(fixed + rest)
+
+
+def probe_image(path: Path) -> tuple[int, int]:
+    """Decode the image once (JPEG at 1/8 scale) so corrupt files fail at setup; returns its upright (w, h)."""
+    with Image.open(path) as img:
+        size = img.size
+        if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # rotated by 90°: width and height swap
+            size = size[::-1]
+        img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+        img.load()
+    return size
+
+
+def _check_file(path: Path, caption_extension: str) -> tuple[tuple[int, int], list[str]] | str:
+    """(size, raw tags) of a usable image, or why it is not usable."""
+    try:
+        size = probe_image(path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        return f"unreadable image: {err}"
+    caption = path.with_suffix(caption_extension)
+    try:
+        tags = read_tags(caption) if caption.is_file() else []
+    except UnicodeDecodeError:
+        return f"caption {caption.name} is not UTF-8 text"
+    return size, tags
+
+
+def scan(root: Path, caption_extension: str = ".txt", on_bad_file: OnBadFile = "error",
+         ) -> tuple[list[Concept], list[Sample], list[tuple[Path, str]]]:
+    """Read a dataset folder: (concepts, usable samples, skipped (path, reason)). The folder is never modified."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder; set data.root to a folder "
+                                f"laid out as {_LAYOUT}/images")
+    if any(_is_image(p.name) for p in root.iterdir() if p.is_file()):
+        raise ValueError(f"{root} holds images directly; move them into class folders ({_LAYOUT}/images)")
+    folders = _walk(root)
+    manifest_path = root / MANIFEST
+    manifest = load_manifest(manifest_path) if manifest_path.is_file() else {}
+    known = _folder_keys(folders)
+    for key in manifest:
+        if key not in known:
+            raise FileNotFoundError(f"{manifest_path}: classes.{key} names folder {root / key}, which does not exist; "
+                                    f"fix the key or create the folder (folders: {', '.join(sorted(known)) or 'none'})")
+    skipped: list[tuple[Path, str]] = []
+    for folder in folders:
+        if folder.is_leaf and not folder.images:
+            _bad(folder.path, f"empty class folder: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})",
+                 on_bad_file, skipped)
+    image_folders = [f for f in folders if f.images]
+    if not image_folders:
+        raise ValueError(f"no images under {root}; the layout is {_LAYOUT}/images")
+    paths = [p for f in image_folders for p in f.images]
+    # Decoding dominates setup; PIL releases the GIL while decoding, so threads help.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        checks = dict(zip(paths, pool.map(lambda p: _check_file(p, caption_extension), paths)))
+    concepts: list[Concept] = []
+    samples: list[Sample] = []
+    for folder in image_folders:
+        concept = _make_concept(folder, manifest)
+        usable = []
+        for path in folder.images:
+            check = checks[path]
+            if isinstance(check, str):
+                _bad(path, check, on_bad_file, skipped)
+            else:
+                usable.append(Sample(path, len(concepts), clean_tags(check[1], concept), check[0]))
+        if not usable:
+            _bad(folder.path, "no usable images left in this class folder", on_bad_file, skipped)
+            continue
+        concepts.append(replace(concept, images=tuple(s.path for s in usable)))
+        samples.extend(usable)
+    return concepts, samples, skipped
+
+
+def _bad(path: Path, reason: str, on_bad_file: OnBadFile, skipped: list[tuple[Path, str]]) -> None:
+    if on_bad_file == "error":
+        raise ValueError(f"{path}: {reason}; fix or remove it, or set on_bad_file: skip to leave it out")
+    skipped.append((path, reason))
+
+
+def apply_repeats(concepts: Sequence[Concept], repeats: dict[str, int]) -> list[Concept]:
+    """Explicit repeats by folder key (a concept's key or an ancestor's; the deepest match wins)."""
+    ancestry = {c.key: _ancestors(c.key) for c in concepts}
+    known = {k for keys in ancestry.values() for k in keys}
+    by_key = {}
+    for key, value in repeats.items():
+        if key.strip("/") not in known:
+            raise ValueError(f"repeats: unknown folder {key!r}; use one of: {', '.join(sorted(known))}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"repeats: {key!r} must be a whole number >= 1, got {value!r}")
+        by_key[key.strip("/")] = value
+    out = []
+    for concept in concepts:
+        hits = [by_key[k] for k in ancestry[concept.key] if k in by_key]
+        out.append(replace(concept, repeats=hits[-1]) if hits else concept)
+    return out
+
+
+def _ancestors(key: str) -> list[str]:
+    """``"a/b/c"`` → ``["a", "a/b", "a/b/c"]``."""
+    parts = key.split("/")
+    return ["/".join(parts[:d]) for d in range(1, len(parts) + 1)]
+
+
+# ---------------------------------------------------------------- balancing and sampling
+
+Quota = tuple[np.ndarray, int]  # sample indices, and how many exposures they share per epoch
+
+
+def plan_quotas(samples: Sequence[Sample], concepts: Sequence[Concept], balance: Balance) -> list[Quota]:
+    """Split the epoch into groups with fixed exposure counts (see the module docstring)."""
+    fixed: list[Quota] = []
+    groups: dict[Any, list[int]] = {}
+    members: dict[int, list[int]] = {}
+    for i, sample in enumerate(samples):
+        members.setdefault(sample.concept, []).append(i)
+    for c, indices in members.items():
+        concept = concepts[c]
+        if concept.repeats is not None:
+            fixed.append((np.asarray(indices), concept.repeats * len(indices)))
+            continue
+        for i in indices:
+            groups.setdefault(_group_key(concept, balance, i), []).append(i)
+    target = max((len(g) for g in groups.values()), default=0)
+    return fixed + [(np.asarray(g), target) for g in groups.values()]
+
+
+def _group_key(concept: Concept, balance: Balance, index: int) -> Any:
+    if balance == "none":
+        return index
+    if balance == "category":
+        return concept.category
+    if balance == "class":
+        return concept.category, concept.class_name
+    return concept.key
+
+
+def expected_exposures(quotas: Sequence[Quota], samples: Sequence[Sample], n_concepts: int) -> np.ndarray:
+    """Mean exposures per concept per epoch (exact for leaf balancing and explicit repeats)."""
+    out = np.zeros(n_concepts)
+    for indices, exposures in quotas:
+        for i in indices:
+            out[samples[i].concept] += exposures / len(indices)
+    return out
+
+
+class BalancedSampler(Sampler[tuple[int, int]]):
+    """Yields ``(sample index, sample seed)``; the epoch's content depends only on (seed, epoch).
+
+    Lightning calls :meth:`set_epoch` before every epoch (also through its ``DistributedSamplerWrapper``,
+    which then gives rank r the positions r, r+W, ... of this same list: disjoint shards).
+    """
+
+    def __init__(self, quotas: Sequence[Quota], seed: int = 0) -> None:
+        self.quotas = [(np.asarray(indices, dtype=np.int64), int(exposures)) for indices, exposures in quotas]
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return sum(exposures for _, exposures in self.quotas)
+
+    def epoch_plan(self) -> list[tuple[int, int]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = np.concatenate([_spread(indices, exposures, rng) for indices, exposures in self.quotas])
+        order = order[rng.permutation(len(order))]
+        seeds = rng.integers(0, 2**63 - 1, size=len(order), dtype=np.int64)
+        return list(zip(order.tolist(), seeds.tolist()))
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter(self.epoch_plan())
+
+
+def _spread(indices: np.ndarray, exposures: int, rng: np.random.Generator) -> np.ndarray:
+    """Each index ⌊E/n⌋ times, plus once more for E mod n of them picked at random."""
+    base, extra = divmod(exposures, len(indices))
+    counts = np.full(len(indices), base)
+    counts[rng.choice(len(indices), extra, replace=False)] += 1
+    return np.repeat(indices, counts)
+
+
+# ---------------------------------------------------------------- images and the dataset
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """The upright RGB image: EXIF orientation applied, transparency composited on white."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        return img.convert("RGB")
+
+
+def square_crop(img: Image.Image, size: int, offset: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+    """Resize the shorter side to ``size`` and crop a square; offset (0..1, 0..1) places it (0.5 = centre)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) * offset[0], (h - side) * offset[1]
+    # Cropping in source coordinates inside resize avoids resampling pixels that are then thrown away.
+    return img.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side),
+                      reducing_gap=3.0)
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """uint8 HWC RGB → float32 CHW in [-1, 1]."""
+    array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return array.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class HierarchicalDataset(Dataset):
+    """Items by ``index`` (deterministic: centre crop, full caption) or ``(index, seed)`` (augmented)."""
+
+    def __init__(self, samples: Sequence[Sample], concepts: Sequence[Concept], resolution: int,
+                 center_crop: bool = True, flip: bool = False, shuffle_tags: bool = False, keep_tokens: int = 1,
+                 tag_dropout: float = 0.0, caption_dropout: float = 0.0) -> None:
+        self.samples = list(samples)
+        self.concepts = list(concepts)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.flip = flip
+        self.shuffle_tags = shuffle_tags
+        self.keep_tokens = keep_tokens
+        self.tag_dropout = tag_dropout
+        self.caption_dropout = caption_dropout
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        sample = self.samples[index]
+        concept = self.concepts[sample.concept]
+        rng = None if seed is None else np.random.default_rng(seed)
+        # Always draw the same four numbers first, so switching one option does not reshuffle the others.
+        u_drop, u_flip, u_x, u_y = rng.random(4) if rng is not None else (1.0, 1.0, 0.5, 0.5)
+        offset = (0.5, 0.5) if self.center_crop else (u_x, u_y)
+        try:
+            img = square_crop(load_rgb(sample.path), self.resolution, offset)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ValueError(f"{sample.path}: unreadable image ({err}); it was readable at setup") from err
+        if self.flip and u_flip < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        caption = "" if u_drop < self.caption_dropout else build_caption(
+            concept.descriptor, sample.tags, self.keep_tokens, self.shuffle_tags, self.tag_dropout, rng)
+        return {"pixel_values": to_tensor(img), "caption": caption, "category": concept.category,
+                "class": concept.class_name, "subclass": concept.subclass, "path": str(sample.path)}
+
+
+# ---------------------------------------------------------------- the data module
+
+
+class HierarchicalDataModule(L.LightningDataModule):
+    """Class-balanced captioned images from a ``category/class[/subclass]`` folder tree (DESIGN §5)."""
+
+    def __init__(
+        self,
+        root: str,
+        resolution: int = 512,
+        batch_size: int = 1,
+        caption_dropout: float = 0.0,
+        balance: Balance = "subclass",
+        repeats: dict[str, int] | None = None,
+        center_crop: bool = True,
+        flip: bool = False,
+        shuffle_tags: bool = False,
+        keep_tokens: int = 1,
+        tag_dropout: float = 0.0,
+        caption_extension: str = ".txt",
+        num_workers: int = 0,
+        seed: int = 0,
+        on_bad_file: OnBadFile = "error",
+    ) -> None:
+        """
+        Args:
+            root: dataset folder: ``category/class[/subclass]/`` images, caption files beside them, optional
+                ``dataset.yaml`` manifest (triggers, class words, tags to drop, evaluation text, prompts).
+            resolution: side of the square training images (shorter side resized, then cropped).
+            batch_size: images per batch.
+            caption_dropout: probability that a training caption is replaced by "" (paper: 0.05).
+            balance: which groups get equal exposure per epoch: every leaf ``subclass`` (the paper), every
+                ``class``, every ``category``, or ``none`` (each image once).
+            repeats: fixed repeats per epoch by folder key (``category/class[/subclass]``), overriding the
+                balance, the manifest and kohya ``N_`` prefixes for that folder.
+            center_crop: crop the centre; otherwise a random crop per sample.
+            flip: mirror half the training images horizontally.
+            shuffle_tags: shuffle the caption's tags after the first ``keep_tokens``.
+            keep_tokens: leading comma-separated tokens kept in place and never dropped (the
+                ``trigger class_word`` head is one).
+            tag_dropout: probability of dropping each tag after the first ``keep_tokens``.
+            caption_extension: extension of the caption file beside each image.
+            num_workers: data loader worker processes (0: load in the main process).
+            seed: seed of the epoch order, repeats, crops, flips and dropouts (non-negative).
+            on_bad_file: ``error`` stops at an unreadable image, caption or empty class folder; ``skip``
+                leaves it out and lists it at setup.
+        """
+        super().__init__()
+        _check_options(resolution, batch_size, caption_dropout, tag_dropout, keep_tokens, num_workers, seed,
+                       caption_extension)
+        self.save_hyperparameters()
+        self.root = root
+        self.resolution = resolution
+        self.batch_size = batch_size
+        self.caption_dropout = caption_dropout
+        self.balance = balance
+        self.repeats = dict(repeats or {})
+        self.center_crop = center_crop
+        self.flip = flip
+        self.shuffle_tags = shuffle_tags
+        self.keep_tokens = keep_tokens
+        self.tag_dropout = tag_dropout
+        self.caption_extension = caption_extension
+        self.num_workers = num_workers
+        self.seed = seed
+        self.on_bad_file = on_bad_file
+        self.concepts: list[Concept] = []  # read by the evaluation callbacks: triggers, eval texts, prompts
+        self.samples: list[Sample] = []
+        self.skipped: list[tuple[Path, str]] = []
+        self.exposures = np.zeros(0)  # mean exposures per concept per epoch
+        self.dataset: HierarchicalDataset | None = None
+        self.sampler: BalancedSampler | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        root = Path(self.root).expanduser()
+        concepts, samples, skipped = scan(root, self.caption_extension, self.on_bad_file)
+        if self.repeats:
+            concepts = apply_repeats(concepts, self.repeats)
+        quotas = plan_quotas(samples, concepts, self.balance)
+        self.concepts, self.samples, self.skipped = concepts, samples, skipped
+        self.exposures = expected_exposures(quotas, samples, len(concepts))
+        self.sampler = BalancedSampler(quotas, self.seed)
+        self.dataset = HierarchicalDataset(samples, concepts, self.resolution, self.center_crop, self.flip,
+                                           self.shuffle_tags, self.keep_tokens, self.tag_dropout,
+                                           self.caption_dropout)
+        print_summary(self.concepts, self.exposures, self.skipped)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(sampler=self._ready().sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        """Every image once, in scan order, centre-cropped, unflipped, with its full caption."""
+        return self._loader(shuffle=False)
+
+    def _ready(self) -> HierarchicalDataModule:
+        if self.dataset is None:
+            raise RuntimeError("call setup() before asking HierarchicalDataModule for a data loader")
+        return self
+
+    def _loader(self, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            self._ready().dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+            # The loader draws its worker base seed from this generator instead of the global RNG.
+            generator=torch.Generator().manual_seed(self.seed), **kwargs)
+
+
+def _check_options(resolution: int, batch_size: int, caption_dropout: float, tag_dropout: float, keep_tokens: int,
+                   num_workers: int, seed: int, caption_extension: str) -> None:
+    for name, value, low in (("resolution", resolution, 1), ("batch_size", batch_size, 1),
+                             ("keep_tokens", keep_tokens, 0), ("num_workers", num_workers, 0), ("seed", seed, 0)):
+        if value < low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+    for name, value in (("caption_dropout", caption_dropout), ("tag_dropout", tag_dropout)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {value}")
+    if not caption_extension.startswith("."):
+        raise ValueError(f"caption_extension must start with a dot, e.g. '.txt', got {caption_extension!r}")
+
+
+@rank_zero_only
+def print_summary(concepts: Sequence[Concept], exposures: np.ndarray, skipped: Sequence[tuple[Path, str]]) -> None:
+    """The setup table: what each concept contributes to an epoch, and what was left out."""
+    total = float(exposures.sum())
+    table = Table(title=f"training data: {sum(len(c.images) for c in concepts)} images, "
+                        f"{total:.0f} samples per epoch")
+    for column in ("category", "class", "subclass", "images", "repeats", "share"):
+        table.add_column(column, justify="right" if column in ("images", "repeats", "share") else "left")
+    for concept, exposure in zip(concepts, exposures):
+        repeats = f"{exposure / len(concept.images):.3g}" + (" (fixed)" if concept.repeats is not None else "")
+        table.add_row(concept.category, concept.class_name, concept.subclass, str(len(concept.images)), repeats,
+                      f"{exposure / total:.1%}")
+    console = Console()
+    console.print(table)
+    if skipped:
+        # Plain lines, not a table: a table would shorten long paths, and the path is what the user needs.
+        console.print(f"[bold yellow]skipped {len(skipped)} files (on_bad_file: skip):[/]")
+        for path, reason in skipped:
+            console.print(f"  {path}: {reason}", soft_wrap=True, markup=False, highlight=False)
