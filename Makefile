@@ -1,5 +1,5 @@
 # Two entry points, each creating or reusing .venv by itself:
-#   make quickstart   run the embedded demo (no network, no GPU)
+#   make quickstart   train LoKr on a tiny model and generated data (no network, no GPU)
 #   make test         run the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/lycoflow demo
+	$(VENV)/bin/lycoflow fit recipes/quickstart.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest
@@ -25,3 +25,4 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/adapters.py
+	$(PY) benchmarks/train_step.py

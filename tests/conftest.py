@@ -20,3 +20,19 @@ def text_encoder():
     from lycoflow.tiny import tiny_text_encoder
 
     return tiny_text_encoder(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_folder(tmp_path_factory):
+    """A tiny SD 1.x diffusers folder (real CLIP tokenizer), written once per session."""
+    from lycoflow.tiny import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """The quickstart's generated data set, written once per session."""
+    from lycoflow.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("data") / "synthetic")

@@ -12,20 +12,17 @@ from safetensors import safe_open
 import lycoris
 from lycoflow.cli import main, run_lightning
 from lycoflow.module import DiffusionFinetune
-from lycoflow.synthetic import generate
-from lycoflow.tiny import TinySD, save_tiny_sd
+from lycoflow.tiny import TinySD
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny model and the quickstart data set, made once for the module."""
-    root = tmp_path_factory.mktemp("fit")
-    model, data = save_tiny_sd(root / "tiny-sd"), generate(root / "data")
+def tiny(tiny_sd_folder, synthetic_root):
+    """Overrides that swap a recipe's base model and data for the tiny model and the quickstart data set."""
     return [
-        "--model.base=lycoflow.tiny.TinySD", f"--model.base.init_args.folder={model}",
-        "--data=lycoflow.synthetic.SyntheticConcepts", f"--data.init_args.root={data}",
+        "--model.base=lycoflow.tiny.TinySD", f"--model.base.init_args.folder={tiny_sd_folder}",
+        "--data=lycoflow.synthetic.SyntheticConcepts", f"--data.init_args.root={synthetic_root}",
         "--data.init_args.resolution=64", "--data.init_args.num_workers=0",
         "--trainer.precision=32-true", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
     ]

@@ -8,12 +8,12 @@ import torch
 
 from lycoflow.convert import save_single_file
 from lycoflow.models import BaseModelError, Pretrained
-from lycoflow.tiny import BOS, EOS, TinySD, save_tiny_sd
+from lycoflow.tiny import BOS, EOS, TinySD
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0)
+@pytest.fixture
+def tiny_folder(tiny_sd_folder):
+    return tiny_sd_folder
 
 
 def outputs(parts):
