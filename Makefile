@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
 
 .PHONY: quickstart test lint bench
 
@@ -18,7 +19,7 @@ quickstart: $(STAMP)
 	$(VENV)/bin/lycoflow fit recipes/quickstart.yaml
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lycoflow lycoris callbacks tests benchmarks

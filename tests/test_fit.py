@@ -2,6 +2,9 @@
 writes adapter files the ecosystem loads, resuming continues exactly, and user errors are one clear message."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -168,3 +171,19 @@ def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     assert "fit " in out and "validate " in out and "recipes/quickstart.yaml" in out
+
+
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes(tiny, tmp_path):
+    """Lightning re-launches `python -m lycoflow.cli` per rank (gloo on CPU); the ranks share each epoch."""
+    run = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "lycoflow.cli", "fit", "recipes/quickstart.yaml", *tiny,
+         f"--trainer.default_root_dir={run}", "--trainer.strategy=ddp", "--trainer.devices=2",
+         "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
+         "--trainer.logger=false"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3 and (run / "adapters" / "epoch=1.safetensors").is_file()
