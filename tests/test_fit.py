@@ -69,6 +69,17 @@ def test_every_recipe_instantiates_with_the_tiny_model(recipe, tiny):
         assert cli.model.lr == (1e-6 if recipe.stem == "full" else 5e-3 if recipe.stem == "ia3" else 5e-4)
 
 
+def test_recipes_merge_in_order_then_overrides_with_interpolation(tiny, tmp_path):
+    second = tmp_path / "mine.yaml"
+    second.write_text("model:\n  lr: 2.0e-4\n  text_encoder_lr: ${model.lr}\n  adapter:\n    init_args:\n"
+                      "      factor: 4\ntrainer:\n  max_epochs: 7\n")
+    cli = run_lightning(["fit", "recipes/lokr.yaml", str(second), *tiny, "--trainer.logger=false",
+                         "--trainer.max_epochs=9"], run=False)
+    assert (cli.model.lr, cli.model.text_encoder_lr) == (2e-4, 2e-4)  # from the second recipe, interpolated
+    assert cli.model.adapter.factor == 4 and cli.model.adapter.dim == 10000  # merged into the first's adapter
+    assert cli.trainer.max_epochs == 9  # the command line wins
+
+
 @pytest.mark.parametrize("name", ["lora", "lokr", "full"])
 def test_fit_writes_adapter_files_that_reproduce_the_trained_model(name, tiny, tmp_path):
     run = tmp_path / name
