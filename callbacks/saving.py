@@ -16,8 +16,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 class AdapterExport(L.Callback):
     """Write ``adapters/epoch=E.safetensors`` every ``every_n_epochs`` (E counts completed epochs, from 1) and
-    after the last epoch: LyCORIS keys, kohya metadata and the resolved recipe; A1111, ComfyUI, diffusers and
-    the LyCORIS library load them.
+    after the last epoch (``step=S.safetensors`` if training stops mid-epoch, e.g. at ``max_steps``): LyCORIS
+    keys, kohya metadata and the resolved recipe; A1111, ComfyUI, diffusers and the LyCORIS library load them.
 
     Args:
         every_n_epochs: save after every this many epochs (paper: 5 of 50).
@@ -38,39 +38,46 @@ class AdapterExport(L.Callback):
         self.every_n_epochs, self.dtype = every_n_epochs, dtype
         self.dirpath, self.output_name = dirpath, output_name
         self.saved: list[Path] = []
+        self._saved_step = 0  # global step of the last file written (0: nothing trained yet)
 
     def folder(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "adapters"
 
+    def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, filename: str) -> None:
+        name = self.output_name or Path(trainer.default_root_dir).resolve().name
+        path = pl_module.save_adapter(self.folder(trainer) / filename, self.dtype, name)
+        self.saved.append(path)
+        self._saved_step = trainer.global_step
+        rank_zero_info(f"adapter saved: {path} ({path.stat().st_size / 1024:,.0f} KiB)")
+
     @rank_zero_only
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs and not last:
-            return
-        name = self.output_name or Path(trainer.default_root_dir).resolve().name
-        path = pl_module.save_adapter(self.folder(trainer) / f"epoch={epoch}.safetensors", self.dtype, name)
-        self.saved.append(path)
-        rank_zero_info(f"adapter saved: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        last = trainer.max_epochs is not None and epoch == trainer.max_epochs
+        if epoch % self.every_n_epochs == 0 or last:
+            self._save(trainer, pl_module, f"epoch={epoch}.safetensors")
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Stopped by max_steps, max_time or early stopping: keep what was trained since the last file.
+        if trainer.global_step != self._saved_step:
+            self._save(trainer, pl_module, f"step={trainer.global_step}.safetensors")
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's `ModelCheckpoint` (resumable: adapters, optimizer, schedulers, loops, RNG-free data order),
-    writing to ``<default_root_dir>/checkpoints`` unless ``dirpath`` says otherwise, with ``last.ckpt`` kept up
-    to date, so ``--ckpt_path last`` continues an interrupted run.
+    """A resumable Lightning checkpoint (adapters, optimizer, schedulers, loop progress), overwritten as
+    ``<default_root_dir>/checkpoints/last.ckpt`` at the end of every training epoch, so ``--ckpt_path last``
+    continues an interrupted run from its last complete epoch. The frozen base model is not in it.
 
     Args:
-        every_n_epochs: also keep ``epoch=E.ckpt`` every this many epochs (``last.ckpt`` follows every epoch).
-        save_top_k: how many of those to keep (-1: all).
-        filename: name pattern of the kept checkpoints.
-        save_last: keep ``last.ckpt``, which ``--ckpt_path last`` resumes from.
-        **kwargs: any other `ModelCheckpoint` argument.
+        every_n_epochs: write it every this many epochs instead (large native fine-tuning runs).
+        dirpath: the folder; None means ``<default_root_dir>/checkpoints``.
     """
 
-    def __init__(self, every_n_epochs: int = 1, save_top_k: int = 1, filename: str = "{epoch}",
-                 save_last: bool = True, **kwargs):
-        super().__init__(every_n_epochs=every_n_epochs, save_top_k=save_top_k, filename=filename,
-                         save_last=save_last, **kwargs)
+    def __init__(self, every_n_epochs: int = 1, dirpath: str | None = None):
+        # One file, rewritten in place, at every epoch's end whether or not validation runs that epoch.
+        super().__init__(dirpath=dirpath, filename="last", every_n_epochs=every_n_epochs, save_top_k=1,
+                         save_last=False, save_on_train_epoch_end=True, enable_version_counter=False)
 
     def _default_dir(self, trainer: L.Trainer) -> None:
         if self.dirpath is None:

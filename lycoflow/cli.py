@@ -17,7 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+import callbacks
+import lycoris
 
 from .loggers import WandbLogger
 from .models import BaseModelError
@@ -57,6 +61,15 @@ class RecipeSaver(SaveConfigCallback):
             logger.log_hyperparams(self.config.as_dict())
 
 
+def _integer_seed(seed: int | bool) -> int:
+    # Lightning also takes true/false (a random seed / none); lycoflow needs the number itself, for the noise,
+    # the data order and the record in config.yaml.
+    if isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed_everything must be an integer >= 0 (got {seed}): lycoflow seeds the noise and "
+                         "the data order with it; pick any number, e.g. --seed_everything=1")
+    return seed
+
+
 class LycoflowCLI(LightningCLI):
     """LightningCLI with `DiffusionFinetune`, any `LightningDataModule` by class_path, and lycoflow's defaults:
     W&B logging (offline without credentials) into the run folder, seed 0."""
@@ -68,8 +81,8 @@ class LycoflowCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         # One seed for everything: Lightning's global seed, the noise/timestep draws and the data order.
-        parser.link_arguments("seed_everything", "model.seed")
-        parser.link_arguments("seed_everything", "data.init_args.seed")
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=_integer_seed)
+        parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=_integer_seed)
 
     def _bind_run_folder(self) -> None:
         """Loggers the recipe left without a folder or name write to the run folder and take its name."""
@@ -133,6 +146,20 @@ def _condense(message: str) -> str:
     return "\n".join(line for line in message.splitlines() if not _NOISE.match(line))
 
 
+_OURS = tuple(str(Path(m.__file__).parent) for m in (lycoris, callbacks)) + (str(Path(__file__).parent),)
+
+
+def _deliberate(err: BaseException) -> bool:
+    """Whether ``err`` is a message written for the user — raised by lycoflow's own code (a bad value, a missing
+    file) or Lightning's configuration check — rather than a failure deep in a library, whose traceback helps."""
+    if isinstance(err, (BaseModelError, MisconfigurationException)):
+        return True
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = "\n".join(f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items())
@@ -149,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lycoflow {argv[0]}: error: {_condense(str(err))}\n(`lycoflow {argv[0]} --help` lists every option)",
               file=sys.stderr)
         return 2
-    except (BaseModelError, FileNotFoundError, NotADirectoryError, ValueError) as err:
-        if os.environ.get("LYCOFLOW_DEBUG"):
+    except (BaseModelError, FileNotFoundError, NotADirectoryError, ValueError, MisconfigurationException) as err:
+        if os.environ.get("LYCOFLOW_DEBUG") or not _deliberate(err):
             raise
         print(f"lycoflow {argv[0]}: error: {err}\n(set LYCOFLOW_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 2

@@ -57,10 +57,16 @@ class WandbLogger(_WandbLogger):
         group: str | None = None,
         **kwargs: Any,
     ):
-        self.no_credentials = offline is None and not wandb_credentials()
+        # WANDB_MODE=disabled turns W&B off whatever else is set (Lightning would override it when offline).
+        self.disabled = os.environ.get("WANDB_MODE") == "disabled"
+        self.no_credentials = offline is None and not self.disabled and not wandb_credentials()
         if offline is None:
             offline = self.no_credentials or os.environ.get("WANDB_MODE") in ("offline", "dryrun")
+        offline = offline and not self.disabled
         super().__init__(project=project, name=name, save_dir=save_dir or ".", offline=offline, group=group, **kwargs)
+        # Explicit modes: wandb reads WANDB_MODE once per process, so later changes to it would be ignored.
+        if offline or self.disabled:
+            self._wandb_init["mode"] = "disabled" if self.disabled else "offline"
         if self._wandb_init.get("anonymous") is None:  # wandb >= 0.19 warns about the key even when unset
             self._wandb_init.pop("anonymous", None)
 
@@ -79,9 +85,10 @@ class WandbLogger(_WandbLogger):
         try:
             return _WandbLogger.experiment.fget(self)
         except Exception as err:  # noqa: BLE001 — any W&B failure (network, auth, service) must not stop training
-            if not self._offline:
+            if not self._offline and not self.disabled:
                 rank_zero_warn(f"W&B could not start online ({err}); logging offline instead")
                 self._offline = True
+                self._wandb_init["mode"] = "offline"  # wandb has read WANDB_MODE already: only this counts
                 try:
                     return _WandbLogger.experiment.fget(self)
                 except Exception as err2:  # noqa: BLE001
@@ -93,11 +100,12 @@ class WandbLogger(_WandbLogger):
     def finalize(self, status: str) -> None:
         super().finalize(status)
         run = self._experiment
-        if run is None or isinstance(run, _Null):
+        if run is None or isinstance(run, _Null) or self.disabled:
             return
-        folder, url = Path(run.dir).parent, run.url  # run.dir is <run folder>/files
+        # wandb may itself have gone offline (no key, no terminal to ask for one): ask the run.
+        folder, url, offline = Path(run.dir).parent, run.url, getattr(run, "offline", self._offline)
         run.finish()
-        if self._offline:
+        if offline:
             rank_zero_info(f"W&B run written offline to {folder}; upload it with: wandb sync {folder}")
         else:
             rank_zero_info(f"W&B run: {url}")

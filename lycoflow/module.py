@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -91,6 +93,11 @@ class DiffusionFinetune(L.LightningModule):
         self.tokenizer = parts.tokenizer
         self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
         self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(f"the base model's scheduler predicts {self.prediction_type!r}; lycoflow trains "
+                             "'epsilon' or 'v_prediction' models (set model.prediction_type to override)")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         # SD's parts have no batch norm and zero dropout, so train mode changes nothing in them; it is what
         # transformers' gradient checkpointing needs, and it keeps Lightning's module-mode checks quiet.
         self.unet = _cast(parts.unet.requires_grad_(False).train(), _DTYPES[weight_dtype])
@@ -115,13 +122,24 @@ class DiffusionFinetune(L.LightningModule):
         self.recipe: str | None = None
         # Only adapters are checkpointed (see on_save_checkpoint); the frozen base is rebuilt from `base`.
         self.strict_loading = False
-        self._batch_started: float | None = None
+        self._last_batch_end: float | None = None
 
     # -- the denoising loss ---------------------------------------------------------------------------
+    def _seed(self, *key: int) -> int:
+        return hash((self.seed, self.global_rank, *key)) & 0x7FFF_FFFF_FFFF_FFFF
+
     def _generator(self, *key: int) -> torch.Generator:
         """A generator whose state depends only on (seed, rank, *key): resumable and rank-distinct."""
-        seed = hash((self.seed, self.global_rank, *key)) & 0x7FFF_FFFF_FFFF_FFFF
-        return torch.Generator(self.device).manual_seed(seed)
+        return torch.Generator(self.device).manual_seed(self._seed(*key))
+
+    @contextmanager
+    def _step_rng(self, *key: int) -> Iterator[torch.Generator]:
+        """The step's noise generator; the global RNG (adapter dropouts, DyLoRA's rank draw) is seeded from the
+        same key inside and restored after, so nothing a step draws depends on the steps before it."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self._seed(*key, 1))
+            yield self._generator(*key)
 
     def encode_text(self, captions: list[str]) -> Tensor:
         length = self.text_encoder.config.max_position_embeddings  # 77 for CLIP
@@ -157,39 +175,48 @@ class DiffusionFinetune(L.LightningModule):
         return loss.mean()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.denoising_loss(batch, self._generator(self.current_epoch, batch_idx))
+        with self._step_rng(self.current_epoch, batch_idx) as generator:
+            loss = self.denoising_loss(batch, generator)
         size = len(batch["caption"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         # Same noise and timesteps at every validation, so values are comparable across epochs.
-        loss = self.denoising_loss(batch, self._generator(-1, batch_idx))
+        with self._step_rng(-1, batch_idx) as generator:
+            loss = self.denoising_loss(batch, generator)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch["caption"]), sync_dist=True)
         return loss
 
     # -- throughput, gradient norm, learning rates ----------------------------------------------------
-    def on_train_batch_start(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
+    def on_train_epoch_start(self) -> None:
+        self._last_batch_end = None  # validation and epoch-end work between epochs are not training time
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._batch_started
-        images = len(batch["caption"]) * self.trainer.world_size
-        self.log("train/images_per_s", images / elapsed, batch_size=1)
+        # From one batch's end to the next: data loading and the whole step, as the run experiences it.
+        now = time.perf_counter()
+        if self._last_batch_end is not None:
+            images = len(batch["caption"]) * self.trainer.world_size
+            self.log("train/images_per_s", images / (now - self._last_batch_end), batch_size=1)
+        self._last_batch_end = now
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         norms = [p.grad.detach().norm() for p in self.networks.parameters() if p.grad is not None]
         if norms:
             self.log("train/grad_norm", torch.stack(norms).norm(), batch_size=1)
-        for group in optimizer.param_groups:
-            self.log(f"train/lr_{group['name']}", group["lr"], batch_size=1)
+        for name, lr in {group["name"]: group["lr"] for group in optimizer.param_groups}.items():
+            self.log(f"train/lr_{name}", lr, batch_size=1)
 
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        groups = [{"name": "unet", "params": list(self.networks["lora_unet"].parameters()), "lr": self.lr}]
-        if self.train_text_encoder:
-            groups.append({"name": "text_encoder", "params": list(self.networks["lora_te"].parameters()),
-                           "lr": self.text_encoder_lr})
+        groups = []
+        parts = [("unet", "lora_unet", self.lr)] + (
+            [("text_encoder", "lora_te", self.text_encoder_lr)] if self.train_text_encoder else [])
+        for name, prefix, lr in parts:
+            decay, exempt = self.networks[prefix].parameters_by_decay()
+            groups.append({"name": name, "params": decay, "lr": lr})
+            if exempt:
+                groups.append({"name": name, "params": exempt, "lr": lr, "weight_decay": 0.0})
         # Each group carries its rate, which wins over the optimizer's own default.
         if self.optimizer_factory is None:
             optimizer = torch.optim.AdamW(groups, weight_decay=0.1, betas=(0.9, 0.99))
@@ -216,13 +243,15 @@ class DiffusionFinetune(L.LightningModule):
         checkpoint["state_dict"] = self.trainable_state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        expected, found = set(self.trainable_state_dict()), set(checkpoint["state_dict"])
-        if expected != found:
-            missing, extra = sorted(expected - found), sorted(found - expected)
+        expected, found = self.trainable_state_dict(), checkpoint["state_dict"]
+        missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+        reshaped = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
+        if missing or extra or reshaped:
             raise ValueError(
                 "this checkpoint was written with a different adapter configuration: "
                 f"{len(missing)} adapter tensors missing (e.g. {missing[:2]}), {len(extra)} unexpected "
-                f"(e.g. {extra[:2]}); resume with the recipe that wrote it"
+                f"(e.g. {extra[:2]}), {len(reshaped)} of another shape (e.g. {reshaped[:2]}); resume with the "
+                "recipe that wrote it"
             )
 
     def adapter_metadata(self, output_name: str) -> dict[str, str]:

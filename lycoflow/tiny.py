@@ -124,10 +124,10 @@ def clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
                          model_max_length=77)
 
 
-def tiny_components(seed: int = 0, tokenizer_folder: str | os.PathLike | None = None) -> Components:
+def tiny_components(seed: int = 0) -> Components:
     """Every part of a tiny SD 1.x model, built from config under ``seed``."""
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = clip_tokenizer(tokenizer_folder or tmp)
+        tokenizer = clip_tokenizer(tmp)
     return Components(
         unet=tiny_unet(seed), vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)),
         tokenizer=tokenizer, scheduler=sd_scheduler(),
@@ -150,9 +150,11 @@ def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
             "feature_extractor": [None, None], "requires_safety_checker": False,
         }, indent=2))
-        if folder.exists():  # another process built it meanwhile: theirs is identical
-            return folder
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process (a DDP rank) renamed its identical build first
+            if not (folder / "model_index.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

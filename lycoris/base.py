@@ -39,6 +39,9 @@ class Adapter(nn.Module):
 
     #: File suffixes whose presence identifies this algorithm (checked by `lycoris.load_file`).
     signature: ClassVar[tuple[str, ...]] = ()
+    #: Parameters whose neutral value is not zero (DoRA's magnitudes start at ‖W0‖): weight decay, which pulls
+    #: towards zero, would move the model away from the base even without data, so optimisers exempt them.
+    no_weight_decay: ClassVar[tuple[str, ...]] = ("dora_scale",)
 
     def __init__(
         self,
@@ -255,6 +258,14 @@ class Network(nn.Module):
         """Detach every adapter and restore the model exactly (weights, forward, requires_grad)."""
         for adapter in self.adapters():
             adapter.detach()
+
+    def parameters_by_decay(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(parameters to decay, parameters exempt from weight decay: see `Adapter.no_weight_decay`)."""
+        decay, exempt = [], []
+        for adapter in self.adapters():
+            for name, param in adapter.named_parameters():
+                (exempt if name in adapter.no_weight_decay else decay).append(param)
+        return decay, exempt
 
     @torch.no_grad()
     def delta_weights(self) -> dict[str, Tensor]:

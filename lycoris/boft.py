@@ -19,6 +19,7 @@ from .functional import butterfly_factor, cayley, in_out
 
 class BOFTAdapter(Adapter):
     signature = ("oft_blocks",)
+    no_weight_decay = ("rescale",)  # starts at 1: decaying it would shrink the rotated weight
 
     def __init__(self, base: nn.Module, block_size: int, constraint: float = 0.0, rescaled: bool = False,
                  **common):

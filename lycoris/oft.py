@@ -18,6 +18,7 @@ from .functional import cayley, factorization, in_out
 
 class OFTAdapter(Adapter):
     signature = ("oft_blocks",)
+    no_weight_decay = ("rescale",)  # starts at 1: decaying it would shrink the rotated weight
 
     def __init__(self, base: nn.Module, block_size: int, constraint: float = 0.0, rescaled: bool = False,
                  **common):

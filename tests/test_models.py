@@ -11,11 +11,6 @@ from lycoflow.models import BaseModelError, Pretrained
 from lycoflow.tiny import BOS, EOS, TinySD
 
 
-@pytest.fixture
-def tiny_folder(tiny_sd_folder):
-    return tiny_sd_folder
-
-
 def outputs(parts):
     gen = torch.Generator().manual_seed(0)
     latents, t = torch.randn(1, 4, 8, 8, generator=gen), torch.tensor([500])
@@ -29,8 +24,8 @@ def outputs(parts):
         }
 
 
-def test_tiny_model_has_the_real_clip_tokenizer_and_sd_geometry(tiny_folder):
-    parts = Pretrained(str(tiny_folder)).load()
+def test_tiny_model_has_the_real_clip_tokenizer_and_sd_geometry(tiny_sd_folder):
+    parts = Pretrained(str(tiny_sd_folder)).load()
     assert parts.tokenizer("a photo of a cat").input_ids == [BOS, 320, 1125, 539, 320, 2368, EOS]
     assert len(parts.tokenizer) == parts.text_encoder.config.vocab_size == 49408
     assert 2 ** (len(parts.vae.config.block_out_channels) - 1) == 8  # SD's 8x latent reduction
@@ -48,23 +43,23 @@ def test_tiny_sd_is_built_once_and_deterministic(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_folder, tmp_path):
+def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_sd_folder, tmp_path):
     # The layout huggingface_hub writes when it downloads a repo: refs/main → snapshots/<commit>/...
     repo = tmp_path / "hub" / "models--someone--tiny-sd"
     commit = "0123456789abcdef0123456789abcdef01234567"
-    shutil.copytree(tiny_folder, repo / "snapshots" / commit)
+    shutil.copytree(tiny_sd_folder, repo / "snapshots" / commit)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     cached = Pretrained("someone/tiny-sd", cache_dir=str(tmp_path / "hub")).load()
-    local = Pretrained(str(tiny_folder)).load()
+    local = Pretrained(str(tiny_sd_folder)).load()
     for key, value in outputs(local).items():
         torch.testing.assert_close(outputs(cached)[key], value, atol=0, rtol=0, msg=key)
 
 
-def test_single_file_checkpoint_loads_as_base_model(tiny_folder, tmp_path):
-    local = Pretrained(str(tiny_folder)).load()
+def test_single_file_checkpoint_loads_as_base_model(tiny_sd_folder, tmp_path):
+    local = Pretrained(str(tiny_sd_folder)).load()
     path = save_single_file(tmp_path / "tiny.safetensors", local.unet, local.vae, local.text_encoder)
-    single = Pretrained(str(path), config=str(tiny_folder)).load()
+    single = Pretrained(str(path), config=str(tiny_sd_folder)).load()
     for key, value in outputs(local).items():
         torch.testing.assert_close(outputs(single)[key], value, atol=1e-5, rtol=1e-5, msg=key)
     assert single.version == "sd_v1"

@@ -69,13 +69,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd_folder):
         torch.testing.assert_close(grads[1][key], grad, atol=1e-6, rtol=1e-4, msg=key)
 
 
-def test_half_precision_base_keeps_float32_adapters_and_vae(tiny_sd_folder):
-    model = module(tiny_sd_folder, lycoris.LoKr(factor=4, dim=10000, preset="attn-mlp"), weight_dtype="bfloat16")
+@pytest.mark.parametrize("strategy", [
+    lycoris.LoKr(factor=4, dim=10000, preset="attn-mlp"), lycoris.LoRA(dim=4, conv_dim=2, preset="full"),
+    lycoris.LoRA(dim=4, weight_decompose=True, preset="attn-mlp"), lycoris.LoHa(dim=4, preset="attn-mlp"),
+    lycoris.OFT(dim=4, rescaled=True, preset="attn-mlp"), lycoris.IA3(preset="attn-mlp"),
+    lycoris.Full(preset="attn-only"),
+], ids=lambda s: type(s).__name__ + ("-dora" if getattr(s, "weight_decompose", False) else ""))
+def test_bf16_base_under_bf16_autocast_trains_float32_adapters(tiny_sd_folder, strategy):
+    """What `precision: bf16-mixed` with `weight_dtype: bfloat16` runs: bf16 weights and ops, fp32 adapters."""
+    model = module(tiny_sd_folder, strategy, weight_dtype="bfloat16")
     assert model.unet.dtype == model.text_encoder.dtype == torch.bfloat16 and model.vae.dtype == torch.float32
     assert {p.dtype for p in model.networks.parameters()} == {torch.float32}
-    loss = model.denoising_loss(batch(), model._generator(0, 0))
+    for p in model.networks.parameters():
+        torch.nn.init.normal_(p, mean=p.detach().mean().item(), std=0.01)  # off the zero init: real gradients
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.denoising_loss(batch(2), model._generator(0, 0))
     loss.backward()
-    assert torch.isfinite(loss) and all(p.grad is not None for p in model.networks.parameters())
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in model.networks.parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
 
 
 def test_optimizer_has_paper_defaults_per_part_rates_and_warmup(tiny_sd_folder):
@@ -91,6 +103,12 @@ def test_optimizer_has_paper_defaults_per_part_rates_and_warmup(tiny_sd_folder):
         optimizer.step()
         scheduler.step()
     assert rates[0] == pytest.approx([5e-4 / 4, 1e-4 / 4]) and rates[4] == rates[5] == pytest.approx([5e-4, 1e-4])
+    # DoRA magnitudes start at the base weights' norms: decaying them towards zero would shrink the model.
+    dora = module(tiny_sd_folder, lycoris.LoRA(dim=4, weight_decompose=True, preset="attn-only"))
+    groups = dora.configure_optimizers().param_groups
+    exempt = [g for g in groups if g["weight_decay"] == 0.0]
+    assert len(exempt) == 2 and sum(len(g["params"]) for g in exempt) == len(
+        [n for n, _ in dora.networks.named_parameters() if n.endswith("dora_scale")])
     frozen_te = module(tiny_sd_folder, train_text_encoder=False)
     assert set(frozen_te.networks) == {"lora_unet"}
     assert not any(p.requires_grad for p in frozen_te.text_encoder.parameters())
