@@ -29,10 +29,19 @@ Determinism: the sampler draws the epoch's order and one 63-bit seed per positio
 alone, and yields ``(image index, sample seed)``; the dataset derives the crop, flip, tag shuffle and
 dropouts from that sample seed. Nothing reads the global RNG, so batches do not depend on worker count,
 on earlier epochs, or on what else the process drew (which is what resuming from a checkpoint needs).
+
+Aspect-ratio buckets (``bucketing``, kohya's scheme): every (w, h) in multiples of ``bucket_step`` within
+[min, max] on each side with w·h ≤ resolution²; each image goes to the bucket nearest its aspect ratio (with
+``bucket_no_upscale``, an image under resolution² in area gets its own size rounded down to the step), is
+resized to cover it and cropped. :class:`BucketBatchSampler` cuts the epoch plan into batches of one bucket
+and shuffles their order from (seed, epoch); the loader takes it as its *sampler* with ``batch_size=None``,
+so under DDP Lightning wraps it like the plain sampler and rank r gets whole batches r, r+W, ... (disjoint;
+the last few repeated so that every rank takes as many steps).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -49,7 +58,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
 MANIFEST = "dataset.yaml"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -61,6 +70,7 @@ _KOHYA = re.compile(r"^([1-9][0-9]*)_(.+)$")
 _EXIF_ORIENTATION = 0x0112
 _LAYOUT = "category/class[/subclass]"
 
+Bucket = tuple[int, int]  # (width, height) of the training image
 Balance = Literal["none", "category", "class", "subclass"]
 OnBadFile = Literal["error", "skip"]
 
@@ -313,12 +323,16 @@ def probe_image(path: Path) -> tuple[int, int]:
     return size
 
 
-def _check_file(path: Path, caption_extension: str) -> tuple[tuple[int, int], list[str]] | str:
+def _check_file(path: Path, caption_extension: str, min_side: int = 0,
+                ) -> tuple[tuple[int, int], list[str]] | str:
     """(size, raw tags) of a usable image, or why it is not usable."""
     try:
         size = probe_image(path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"unreadable image: {err}"
+    if min(size) < min_side:
+        return (f"image {size[0]}x{size[1]} is smaller than the smallest bucket (min_bucket_resolution {min_side}); "
+                f"use a larger image or lower min_bucket_resolution")
     caption = path.with_suffix(caption_extension)
     try:
         tags = read_tags(caption) if caption.is_file() else []
@@ -327,9 +341,12 @@ def _check_file(path: Path, caption_extension: str) -> tuple[tuple[int, int], li
     return size, tags
 
 
-def scan(root: Path, caption_extension: str = ".txt", on_bad_file: OnBadFile = "error",
+def scan(root: Path, caption_extension: str = ".txt", on_bad_file: OnBadFile = "error", min_side: int = 0,
          ) -> tuple[list[Concept], list[Sample], list[tuple[Path, str]]]:
-    """Read a dataset folder: (concepts, usable samples, skipped (path, reason)). The folder is never modified."""
+    """Read a dataset folder: (concepts, usable samples, skipped (path, reason)). The folder is never modified.
+
+    Images with a side under ``min_side`` (the smallest bucket) are bad files too.
+    """
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder; set data.root to a folder "
                                 f"laid out as {_LAYOUT}/images")
@@ -354,7 +371,7 @@ def scan(root: Path, caption_extension: str = ".txt", on_bad_file: OnBadFile = "
     paths = [p for f in image_folders for p in f.images]
     # Decoding dominates setup; PIL releases the GIL while decoding, so threads help.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checks = dict(zip(paths, pool.map(lambda p: _check_file(p, caption_extension), paths)))
+        checks = dict(zip(paths, pool.map(lambda p: _check_file(p, caption_extension, min_side), paths)))
     concepts: list[Concept] = []
     samples: list[Sample] = []
     for folder in image_folders:
@@ -453,10 +470,13 @@ class BalancedSampler(Sampler[tuple[int, int]]):
     which then gives rank r the positions r, r+W, ... of this same list: disjoint shards).
     """
 
-    def __init__(self, quotas: Sequence[Quota], seed: int = 0) -> None:
+    def __init__(self, quotas: Sequence[Quota], seed: int = 0, strata: Sequence[int] | None = None) -> None:
+        """``strata`` (one integer per sample, e.g. its bucket) fixes how many exposures each stratum of a group
+        gets, the same every epoch (see :func:`_spread`); None draws the extra exposures from the whole group."""
         self.quotas = [(np.asarray(indices, dtype=np.int64), int(exposures)) for indices, exposures in quotas]
         self.seed = seed
         self.epoch = 0
+        self.strata = None if strata is None else np.asarray(strata, dtype=np.int64)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -466,7 +486,7 @@ class BalancedSampler(Sampler[tuple[int, int]]):
 
     def epoch_plan(self) -> list[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = np.concatenate([_spread(indices, exposures, rng) for indices, exposures in self.quotas])
+        order = np.concatenate([_spread(indices, exposures, rng, self.strata) for indices, exposures in self.quotas])
         order = order[rng.permutation(len(order))]
         seeds = rng.integers(0, 2**63 - 1, size=len(order), dtype=np.int64)
         return list(zip(order.tolist(), seeds.tolist()))
@@ -475,12 +495,124 @@ class BalancedSampler(Sampler[tuple[int, int]]):
         return iter(self.epoch_plan())
 
 
-def _spread(indices: np.ndarray, exposures: int, rng: np.random.Generator) -> np.ndarray:
-    """Each index ⌊E/n⌋ times, plus once more for E mod n of them picked at random."""
+def _spread(indices: np.ndarray, exposures: int, rng: np.random.Generator,
+            strata: np.ndarray | None = None) -> np.ndarray:
+    """Each index ⌊E/n⌋ times, plus once more for E mod n of them picked at random.
+
+    With ``strata`` the E mod n extras are first shared among the strata in proportion to their sizes (largest
+    remainders, fixed across epochs) and then drawn within each stratum, so that every stratum's exposures, and
+    hence the number of bucket batches, are the same in every epoch.
+    """
     base, extra = divmod(exposures, len(indices))
     counts = np.full(len(indices), base)
-    counts[rng.choice(len(indices), extra, replace=False)] += 1
+    if strata is None:
+        counts[rng.choice(len(indices), extra, replace=False)] += 1
+    else:
+        for members, share in _stratum_extras(strata[indices], extra):
+            counts[members[rng.choice(len(members), share, replace=False)]] += 1
     return np.repeat(indices, counts)
+
+
+def _stratum_extras(labels: np.ndarray, extra: int) -> list[tuple[np.ndarray, int]]:
+    """(positions of each stratum, its share of ``extra``): proportional, largest remainders, ties by label."""
+    strata = np.unique(labels)
+    members = [np.flatnonzero(labels == s) for s in strata]
+    # Integer arithmetic: share = extra·m // n, and the leftover extras go to the largest remainders.
+    shares = [extra * len(m) // len(labels) for m in members]
+    remainders = [extra * len(m) % len(labels) for m in members]
+    for j in sorted(range(len(members)), key=lambda j: -remainders[j])[: extra - sum(shares)]:
+        shares[j] += 1
+    return list(zip(members, shares))
+
+
+def _stratum_counts(quotas: Sequence[Quota], strata: np.ndarray) -> dict[int, int]:
+    """Exposures per stratum per epoch under :func:`_spread` with ``strata`` (the same every epoch)."""
+    counts: dict[int, int] = {}
+    for indices, exposures in quotas:
+        indices = np.asarray(indices, dtype=np.int64)
+        base, extra = divmod(int(exposures), len(indices))
+        for members, share in _stratum_extras(strata[indices], extra):
+            label = int(strata[indices[members[0]]])
+            counts[label] = counts.get(label, 0) + base * len(members) + share
+    return counts
+
+
+# ---------------------------------------------------------------- aspect-ratio buckets
+
+
+def bucket_sizes(resolution: int, min_side: int = 256, max_side: int = 1024, step: int = 64) -> list[Bucket]:
+    """kohya's buckets: for each width w (a multiple of ``step`` in [min, max]) the tallest h ≤ max with
+    w·h ≤ resolution², both orientations, plus the largest square; sorted."""
+    area = resolution * resolution
+    sizes = set()
+    square = resolution // step * step
+    if min_side <= square <= max_side:
+        sizes.add((square, square))
+    for w in range(min_side, max_side + 1, step):
+        h = min(max_side, area // w // step * step)
+        if h >= min_side:
+            sizes.update({(w, h), (h, w)})
+    return sorted(sizes)
+
+
+def assign_bucket(size: tuple[int, int], buckets: Sequence[Bucket], resolution: int, step: int,
+                  max_side: int, no_upscale: bool = False) -> Bucket:
+    """The bucket of an image of ``size`` (w, h): the one nearest its aspect ratio (in log ratio); with
+    ``no_upscale``, an image under resolution² in area keeps its own size rounded down to the step."""
+    w, h = size
+    if no_upscale and w * h < resolution * resolution:
+        return min(max_side, w // step * step), min(max_side, h // step * step)
+    log_ratio = math.log(w / h)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - log_ratio))
+
+
+class BucketBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of ``(sample index, sample seed)`` from one bucket each; the epoch depends only on (seed, epoch).
+
+    Takes the :class:`BalancedSampler`'s epoch plan (built with the buckets as strata, so that each bucket gets
+    the same number of exposures every epoch and ``len`` is exact), cuts each bucket's share, in plan order,
+    into batches of ``batch_size`` (a bucket's last batch may be smaller), then shuffles the batch order.
+    Used as the loader's *sampler* (``batch_size=None``), so Lightning's ``DistributedSamplerWrapper`` shards
+    whole batches across ranks and forwards :meth:`set_epoch` here.
+    """
+
+    def __init__(self, sampler: BalancedSampler, buckets: Sequence[Bucket], batch_size: int) -> None:
+        self.sampler = sampler
+        self.buckets = list(buckets)  # one per sample index
+        self.batch_size = batch_size
+        strata = np.asarray(bucket_strata(self.buckets), dtype=np.int64)
+        if sampler.strata is None or not np.array_equal(sampler.strata, strata):
+            raise ValueError("the BalancedSampler must be built with strata=bucket_strata(buckets)")
+        self.counts = _stratum_counts(sampler.quotas, strata)
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return sum(-(-n // self.batch_size) for n in self.counts.values())
+
+    def epoch_batches(self) -> list[list[tuple[int, int]]]:
+        by_bucket: dict[Bucket, list[tuple[int, int]]] = {}
+        for item in self.sampler.epoch_plan():
+            by_bucket.setdefault(self.buckets[item[0]], []).append(item)
+        batches = [items[i:i + self.batch_size] for _, items in sorted(by_bucket.items())
+                   for i in range(0, len(items), self.batch_size)]
+        # A stream of its own (the trailing 1), so the batch order does not disturb the plan's draws.
+        rng = np.random.default_rng([self.sampler.seed, self.sampler.epoch, 1])
+        return [batches[i] for i in rng.permutation(len(batches))]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        return iter(self.epoch_batches())
+
+
+def bucket_strata(buckets: Sequence[Bucket]) -> list[int]:
+    """One integer per sample: its bucket's rank among the distinct buckets (the sampler's strata)."""
+    labels = {b: i for i, b in enumerate(sorted(set(buckets)))}
+    return [labels[b] for b in buckets]
 
 
 # ---------------------------------------------------------------- images and the dataset
@@ -498,12 +630,19 @@ def load_rgb(path: Path) -> Image.Image:
 
 def square_crop(img: Image.Image, size: int, offset: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
     """Resize the shorter side to ``size`` and crop a square; offset (0..1, 0..1) places it (0.5 = centre)."""
+    return cover_crop(img, (size, size), offset)
+
+
+def cover_crop(img: Image.Image, size: Bucket, offset: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+    """Resize to cover ``size`` (w, h) and crop it out; offset (0..1, 0..1) places the crop (0.5 = centre)."""
     w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) * offset[0], (h - side) * offset[1]
+    if size[0] * h >= size[1] * w:  # the target is relatively wider: keep the full width
+        box_w, box_h = float(w), w * size[1] / size[0]
+    else:
+        box_w, box_h = h * size[0] / size[1], float(h)
+    left, top = (w - box_w) * offset[0], (h - box_h) * offset[1]
     # Cropping in source coordinates inside resize avoids resampling pixels that are then thrown away.
-    return img.resize((size, size), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side),
-                      reducing_gap=3.0)
+    return img.resize(size, Image.Resampling.LANCZOS, box=(left, top, left + box_w, top + box_h), reducing_gap=3.0)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -513,11 +652,17 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 class HierarchicalDataset(Dataset):
-    """Items by ``index`` (deterministic: centre crop, full caption) or ``(index, seed)`` (augmented)."""
+    """Items by ``index`` (deterministic: centre crop, full caption) or ``(index, seed)`` (augmented); a list of
+    keys gives the collated batch (what :class:`BucketBatchSampler` asks for).
+
+    ``buckets`` (one (w, h) per sample) replaces the square ``resolution`` crop.
+    """
 
     def __init__(self, samples: Sequence[Sample], concepts: Sequence[Concept], resolution: int,
                  center_crop: bool = True, flip: bool = False, shuffle_tags: bool = False, keep_tokens: int = 1,
-                 tag_dropout: float = 0.0, caption_dropout: float = 0.0) -> None:
+                 tag_dropout: float = 0.0, caption_dropout: float = 0.0,
+                 buckets: Sequence[Bucket] | None = None) -> None:
+        self.buckets = None if buckets is None else list(buckets)
         self.samples = list(samples)
         self.concepts = list(concepts)
         self.resolution = resolution
@@ -531,7 +676,9 @@ class HierarchicalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int] | list[tuple[int, int]]) -> dict[str, Any]:
+        if isinstance(key, list):
+            return default_collate([self[k] for k in key])
         index, seed = key if isinstance(key, tuple) else (key, None)
         sample = self.samples[index]
         concept = self.concepts[sample.concept]
@@ -540,7 +687,8 @@ class HierarchicalDataset(Dataset):
         u_drop, u_flip, u_x, u_y = rng.random(4) if rng is not None else (1.0, 1.0, 0.5, 0.5)
         offset = (0.5, 0.5) if self.center_crop else (u_x, u_y)
         try:
-            img = square_crop(load_rgb(sample.path), self.resolution, offset)
+            size = (self.resolution, self.resolution) if self.buckets is None else self.buckets[index]
+            img = cover_crop(load_rgb(sample.path), size, offset)
         except (OSError, ValueError, SyntaxError) as err:
             raise ValueError(f"{sample.path}: unreadable image ({err}); it was readable at setup") from err
         if self.flip and u_flip < 0.5:
@@ -574,6 +722,11 @@ class HierarchicalDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         on_bad_file: OnBadFile = "error",
+        bucketing: bool = False,
+        min_bucket_resolution: int = 256,
+        max_bucket_resolution: int = 1024,
+        bucket_step: int = 64,
+        bucket_no_upscale: bool = False,
     ) -> None:
         """
         Args:
@@ -595,12 +748,25 @@ class HierarchicalDataModule(L.LightningDataModule):
             caption_extension: extension of the caption file beside each image.
             num_workers: data loader worker processes (0: load in the main process).
             seed: seed of the epoch order, repeats, crops, flips and dropouts (non-negative).
-            on_bad_file: ``error`` stops at an unreadable image, caption or empty class folder; ``skip``
-                leaves it out and lists it at setup.
+            on_bad_file: ``error`` stops at an unreadable image, caption, empty class folder or (with
+                ``bucketing``) an image with a side under ``min_bucket_resolution``; ``skip`` leaves it out and
+                lists it at setup.
+            bucketing: aspect-ratio buckets instead of square crops: each image is resized to cover the bucket
+                nearest its aspect ratio and cropped (centre or random per ``center_crop``); every batch holds
+                one bucket. Buckets (kohya's): (w, h), multiples of ``bucket_step`` within
+                [``min_bucket_resolution``, ``max_bucket_resolution``], w·h ≤ ``resolution``². Under DDP each
+                rank takes whole batches (disjoint; up to world size − 1 batches repeated to even out the ranks).
+            min_bucket_resolution: smallest bucket side (a multiple of ``bucket_step``).
+            max_bucket_resolution: largest bucket side (a multiple of ``bucket_step``).
+            bucket_step: bucket sides are multiples of this (64 for SD: 8 latent pixels).
+            bucket_no_upscale: an image smaller than ``resolution``² in area gets a bucket of its own size
+                rounded down to ``bucket_step`` (never upscaled), instead of a predefined bucket.
         """
         super().__init__()
         _check_options(resolution, batch_size, caption_dropout, tag_dropout, keep_tokens, num_workers, seed,
                        caption_extension)
+        if bucketing:
+            _check_buckets(resolution, min_bucket_resolution, max_bucket_resolution, bucket_step)
         self.save_hyperparameters()
         self.root = root
         self.resolution = resolution
@@ -617,31 +783,52 @@ class HierarchicalDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.on_bad_file = on_bad_file
+        self.bucketing = bucketing
+        self.min_bucket_resolution = min_bucket_resolution
+        self.max_bucket_resolution = max_bucket_resolution
+        self.bucket_step = bucket_step
+        self.bucket_no_upscale = bucket_no_upscale
+        self.buckets: list[Bucket] = []  # with bucketing: the (w, h) of each sample
         self.concepts: list[Concept] = []  # read by the evaluation callbacks: triggers, eval texts, prompts
         self.samples: list[Sample] = []
         self.skipped: list[tuple[Path, str]] = []
         self.exposures = np.zeros(0)  # mean exposures per concept per epoch
         self.dataset: HierarchicalDataset | None = None
         self.sampler: BalancedSampler | None = None
+        self.bucket_sampler: BucketBatchSampler | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is not None:
             return
         root = Path(self.root).expanduser()
-        concepts, samples, skipped = scan(root, self.caption_extension, self.on_bad_file)
+        min_side = self.min_bucket_resolution if self.bucketing else 0
+        concepts, samples, skipped = scan(root, self.caption_extension, self.on_bad_file, min_side)
         if self.repeats:
             concepts = apply_repeats(concepts, self.repeats)
         quotas = plan_quotas(samples, concepts, self.balance)
         self.concepts, self.samples, self.skipped = concepts, samples, skipped
         self.exposures = expected_exposures(quotas, samples, len(concepts))
-        self.sampler = BalancedSampler(quotas, self.seed)
+        if self.bucketing:
+            sizes = bucket_sizes(self.resolution, self.min_bucket_resolution, self.max_bucket_resolution,
+                                 self.bucket_step)
+            self.buckets = [assign_bucket(s.size, sizes, self.resolution, self.bucket_step,
+                                          self.max_bucket_resolution, self.bucket_no_upscale) for s in samples]
+            self.sampler = BalancedSampler(quotas, self.seed, strata=bucket_strata(self.buckets))
+            self.bucket_sampler = BucketBatchSampler(self.sampler, self.buckets, self.batch_size)
+        else:
+            self.sampler = BalancedSampler(quotas, self.seed)
         self.dataset = HierarchicalDataset(samples, concepts, self.resolution, self.center_crop, self.flip,
                                            self.shuffle_tags, self.keep_tokens, self.tag_dropout,
-                                           self.caption_dropout)
+                                           self.caption_dropout, self.buckets or None)
         print_summary(self.concepts, self.exposures, self.skipped)
+        if self.bucketing:
+            print_buckets(self.buckets)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(sampler=self._ready().sampler)
+        if self._ready().bucket_sampler is not None:
+            # Whole batches come from the sampler, so Lightning's DDP wrapper shards batches, not images.
+            return self._loader(sampler=self.bucket_sampler, batch_size=None)
+        return self._loader(sampler=self.sampler)
 
     def val_dataloader(self) -> DataLoader:
         """Every image once, in scan order, centre-cropped, unflipped, with its full caption."""
@@ -653,8 +840,9 @@ class HierarchicalDataModule(L.LightningDataModule):
         return self
 
     def _loader(self, **kwargs: Any) -> DataLoader:
+        kwargs.setdefault("batch_size", self.batch_size)
         return DataLoader(
-            self._ready().dataset, batch_size=self.batch_size, num_workers=self.num_workers,
+            self._ready().dataset, num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
             # The loader draws its worker base seed from this generator instead of the global RNG.
             generator=torch.Generator().manual_seed(self.seed), **kwargs)
@@ -671,6 +859,25 @@ def _check_options(resolution: int, batch_size: int, caption_dropout: float, tag
             raise ValueError(f"{name} is a probability in [0, 1], got {value}")
     if not caption_extension.startswith("."):
         raise ValueError(f"caption_extension must start with a dot, e.g. '.txt', got {caption_extension!r}")
+
+
+def _check_buckets(resolution: int, min_side: int, max_side: int, step: int) -> None:
+    if step < 1 or min_side < step or min_side % step or max_side % step or max_side < min_side:
+        raise ValueError(f"bucket sides: need 1 <= bucket_step <= min_bucket_resolution <= max_bucket_resolution, "
+                         f"both multiples of bucket_step; got step {step}, min {min_side}, max {max_side}")
+    if min_side * min_side > resolution * resolution:
+        raise ValueError(f"min_bucket_resolution {min_side} leaves no bucket with w·h <= resolution² "
+                         f"(resolution {resolution}); lower it to at most {resolution}")
+
+
+@rank_zero_only
+def print_buckets(buckets: Sequence[Bucket]) -> None:
+    """One line: each bucket used (w×h) and how many images it holds."""
+    counts: dict[Bucket, int] = {}
+    for b in buckets:
+        counts[b] = counts.get(b, 0) + 1
+    listing = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(counts.items()))
+    Console().print(f"buckets (w x h: images): {listing}", soft_wrap=True, markup=False, highlight=False)
 
 
 @rank_zero_only

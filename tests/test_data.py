@@ -10,7 +10,15 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from PIL import Image
 
-from lycoflow.data import HierarchicalDataModule, build_caption, load_rgb, probe_image, square_crop, to_tensor
+from lycoflow.data import (
+    HierarchicalDataModule,
+    bucket_sizes,
+    build_caption,
+    load_rgb,
+    probe_image,
+    square_crop,
+    to_tensor,
+)
 
 
 def noise_image(path: Path, size: tuple[int, int], seed: int) -> None:
@@ -370,3 +378,130 @@ def test_resumed_training_sees_the_same_second_epoch(tmp_path):
     first.save_checkpoint(tmp_path / "epoch1.ckpt")
     resumed, _ = fit(2, resume=tmp_path / "epoch1.ckpt")
     assert resumed.seen == straight.seen[1:] and straight.seen[0] != straight.seen[1]
+
+
+# ---------------------------------------------------------------- aspect-ratio buckets
+
+BUCKETED = {"resolution": 256, "bucketing": True, "min_bucket_resolution": 128, "max_bucket_resolution": 512}
+# (w, h) per folder: landscape, portrait, square, wide; small so that decoding stays fast.
+SHAPES = {"a/land": (300, 200), "a/port": (200, 300), "b/square": (260, 260), "b/wide": (500, 170)}
+
+
+def make_shaped_tree(root: Path, counts: dict[str, int]) -> Path:
+    for k, (folder, n) in enumerate(counts.items()):
+        (root / folder).mkdir(parents=True)
+        for i in range(n):
+            noise_image(root / folder / f"{i:03d}.png", SHAPES[folder], seed=1000 * k + i)
+    return root
+
+
+def bucketed_batches(tmp_path: Path, **kwargs) -> tuple[HierarchicalDataModule, list[dict]]:
+    root = make_shaped_tree(tmp_path, {"a/land": 5, "a/port": 2, "b/square": 3, "b/wide": 1})
+    dm = module(root, **{**BUCKETED, "batch_size": 3, **kwargs})
+    return dm, epoch_batches(dm, 0)
+
+
+def test_bucket_batches_are_one_size_within_bounds_and_keep_the_aspect(tmp_path, capsys):
+    dm, batches = bucketed_batches(tmp_path, center_crop=False, flip=True)
+    assert len(batches) == len(dm.train_dataloader())
+    for batch in batches:
+        pixels = batch["pixel_values"]
+        n, _, h, w = pixels.shape
+        assert n <= 3 and pixels.abs().max() <= 1
+        assert w % 64 == 0 and h % 64 == 0 and min(w, h) >= 128 and max(w, h) <= 512 and w * h <= 256 * 256
+        for path in batch["path"]:
+            assert (w, h) == dm.buckets[[str(s.path) for s in dm.samples].index(path)]
+            # Resized to cover the bucket, the image overhangs it by less than one step: the aspect is kept.
+            iw, ih = SHAPES[str(Path(path).parent.relative_to(tmp_path))]
+            scale = max(w / iw, h / ih)
+            assert iw * scale - w < 64 and ih * scale - h < 64
+    sizes = {tuple(b["pixel_values"].shape[2:]) for b in batches}
+    assert len(sizes) >= 3  # several buckets really used
+    assert "buckets (w x h: images): " in capsys.readouterr().out
+    sd = bucket_sizes(512, 256, 1024, 64)  # SD 1.x: kohya's 512 set
+    assert (512, 512) in sd and (256, 1024) in sd and (640, 384) in sd and (384, 640) in sd
+    assert all(w % 64 == 0 and h % 64 == 0 and min(w, h) >= 256 and max(w, h) <= 1024 and w * h <= 512 * 512
+               for w, h in sd)
+
+
+def test_bucketing_keeps_exposures_and_is_deterministic(tmp_path):
+    root = make_shaped_tree(tmp_path, {"a/land": 5, "a/port": 2, "b/square": 3, "b/wide": 1})
+    plain = module(root, resolution=4)
+    bucketed = module(root, **BUCKETED, batch_size=2)
+    for epoch in (0, 3):
+        plain.sampler.set_epoch(epoch)
+        bucketed.bucket_sampler.set_epoch(epoch)
+        assert bucketed.sampler.epoch == epoch
+        batches = bucketed.bucket_sampler.epoch_batches()
+        per_leaf = Counter(bucketed.concepts[bucketed.samples[i].concept].key for b in batches for i, _ in b)
+        assert per_leaf == Counter(plain.concepts[plain.samples[i].concept].key for i, _ in plain.sampler.epoch_plan())
+        assert set(per_leaf.values()) == {5}
+        per_image = Counter(i for b in batches for i, _ in b)
+        assert set(per_image[i] for i in range(len(bucketed.samples)) if i < 5) == {1}
+        assert len(batches) == len(bucketed.bucket_sampler)  # the same every epoch
+        assert all(len({bucketed.buckets[i] for i, _ in b}) == 1 for b in batches)
+    again = module(root, **BUCKETED, batch_size=2)
+    for epoch in (3, 0):
+        again.bucket_sampler.set_epoch(epoch)
+        bucketed.bucket_sampler.set_epoch(epoch)
+        assert again.bucket_sampler.epoch_batches() == bucketed.bucket_sampler.epoch_batches()
+    other = module(root, **BUCKETED, batch_size=2, seed=1)
+    assert other.bucket_sampler.epoch_batches() != again.bucket_sampler.epoch_batches()
+    augmented = {**AUGMENTED, **BUCKETED, "batch_size": 2}
+    assert_same(epoch_batches(module(root, **augmented, num_workers=2), 1), epoch_batches(module(root, **augmented), 1))
+    # Balancing by category mixes buckets within a group: b's 7 exposures split 5 square + 2 wide (3x2 + 1x1
+    # plus the extra one, which goes to the stratum with the larger remainder), the same every epoch.
+    by_category = module(root, **BUCKETED, balance="category")
+    for epoch in (0, 1, 2):
+        by_category.bucket_sampler.set_epoch(epoch)
+        batches = by_category.bucket_sampler.epoch_batches()
+        assert Counter(by_category.concepts[by_category.samples[i].concept].key for b in batches for i, _ in b) \
+            == {"a/land": 5, "a/port": 2, "b/square": 5, "b/wide": 2}
+
+
+def test_bucket_batches_shard_across_ranks_disjoint_and_complete(tmp_path):
+    root = make_shaped_tree(tmp_path, {"a/land": 5, "a/port": 2, "b/square": 3, "b/wide": 1})
+    dm = module(root, **BUCKETED, batch_size=2)
+    n = len(dm.bucket_sampler)
+    for epoch in (0, 5):
+        shards = []
+        for rank in (0, 1):
+            wrapper = DistributedSamplerWrapper(dm.bucket_sampler, num_replicas=2, rank=rank, shuffle=False)
+            wrapper.set_epoch(epoch)
+            assert dm.sampler.epoch == epoch
+            shards.append([tuple(b) for b in wrapper])
+        assert len(shards[0]) == len(shards[1]) == -(-n // 2)
+        everything = [tuple(b) for b in dm.bucket_sampler.epoch_batches()]
+        assert sorted(shards[0] + shards[1]) == sorted(everything + everything[: len(shards[0]) * 2 - n])
+        if n % 2 == 0:
+            assert not set(shards[0]) & set(shards[1])
+
+
+def test_bucket_no_upscale_and_too_small_images(tmp_path):
+    root = make_shaped_tree(tmp_path / "d", {"a/land": 2, "b/square": 1})
+    noise_image(root / "b/square/tiny.png", (100, 300), seed=7)
+    with pytest.raises(ValueError, match=r"tiny\.png: image 100x300 is smaller than the smallest bucket"):
+        module(root, **BUCKETED)
+    dm = module(root, **BUCKETED, bucket_no_upscale=True, on_bad_file="skip")
+    assert [p.name for p, _ in dm.skipped] == ["tiny.png"]
+    # 300x200 and 260x260 are under 256² in area: rounded down to the step, never upscaled.
+    assert sorted(set(dm.buckets)) == [(256, 192), (256, 256)]
+    batch = epoch_batches(dm, 0)[0]
+    assert tuple(batch["pixel_values"].shape[2:]) in ((192, 256), (256, 256))
+    with pytest.raises(ValueError, match="multiples of bucket_step"):
+        HierarchicalDataModule(str(root), bucketing=True, min_bucket_resolution=100)
+
+
+def test_trainer_fits_with_buckets_and_sets_each_epoch(tmp_path):
+    root = make_shaped_tree(tmp_path / "data", {"a/land": 3, "b/square": 2})
+    model = Recorder()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    dm = HierarchicalDataModule(str(root), batch_size=2, **BUCKETED)
+    trainer.fit(model, datamodule=dm)
+    expected = []
+    for epoch in range(2):
+        dm.bucket_sampler.set_epoch(epoch)
+        expected.append([str(dm.samples[i].path) for b in dm.bucket_sampler.epoch_batches() for i, _ in b])
+    assert model.seen == expected and expected[0] != expected[1]
