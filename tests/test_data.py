@@ -314,15 +314,21 @@ def test_setup_table_lists_images_repeats_and_shares(tmp_path, capsys):
                      ["b", "z", "s", "2", "2", "36.4%"]]
 
 
+def rank_shards(dm, sampler, epoch, ranks=2):
+    """What each simulated DDP rank draws in ``epoch`` through Lightning's wrapper of ``sampler``."""
+    shards = []
+    for rank in range(ranks):
+        wrapper = DistributedSamplerWrapper(sampler, num_replicas=ranks, rank=rank, shuffle=False)
+        wrapper.set_epoch(epoch)
+        assert dm.sampler.epoch == epoch  # the epoch reaches our sampler through the wrapper
+        shards.append([tuple(x) if isinstance(x, list) else x for x in wrapper])
+    return shards
+
+
 def test_ddp_wrapper_shards_are_disjoint_complete_and_follow_the_epoch(tmp_path):
     dm = module(make_tree(tmp_path, {"a/x": 3, "b/y": 7}))  # 14 samples per epoch
     for epoch in (0, 5):
-        shards = []
-        for rank in (0, 1):
-            wrapper = DistributedSamplerWrapper(dm.sampler, num_replicas=2, rank=rank, shuffle=False)
-            wrapper.set_epoch(epoch)
-            assert dm.sampler.epoch == epoch
-            shards.append(list(wrapper))
+        shards = rank_shards(dm, dm.sampler, epoch)
         assert len(shards[0]) == len(shards[1]) == 7
         assert not set(shards[0]) & set(shards[1])
         assert sorted(shards[0] + shards[1]) == sorted(dm.sampler.epoch_plan())
@@ -464,12 +470,7 @@ def test_bucket_batches_shard_across_ranks_disjoint_and_complete(tmp_path):
     dm = module(root, **BUCKETED, batch_size=2)
     n = len(dm.bucket_sampler)
     for epoch in (0, 5):
-        shards = []
-        for rank in (0, 1):
-            wrapper = DistributedSamplerWrapper(dm.bucket_sampler, num_replicas=2, rank=rank, shuffle=False)
-            wrapper.set_epoch(epoch)
-            assert dm.sampler.epoch == epoch
-            shards.append([tuple(b) for b in wrapper])
+        shards = rank_shards(dm, dm.bucket_sampler, epoch)
         assert len(shards[0]) == len(shards[1]) == -(-n // 2)
         everything = [tuple(b) for b in dm.bucket_sampler.epoch_batches()]
         assert sorted(shards[0] + shards[1]) == sorted(everything + everything[: len(shards[0]) * 2 - n])
