@@ -37,7 +37,6 @@ class AdapterExport(L.Callback):
             raise ValueError(f"AdapterExport: every_n_epochs={every_n_epochs} must be >= 1")
         self.every_n_epochs, self.dtype = every_n_epochs, dtype
         self.dirpath, self.output_name = dirpath, output_name
-        self.saved: list[Path] = []
         self._saved_step = 0  # global step of the last file written (0: nothing trained yet)
 
     def folder(self, trainer: L.Trainer) -> Path:
@@ -46,7 +45,6 @@ class AdapterExport(L.Callback):
     def _save(self, trainer: L.Trainer, pl_module: L.LightningModule, filename: str) -> None:
         name = self.output_name or Path(trainer.default_root_dir).resolve().name
         path = pl_module.save_adapter(self.folder(trainer) / filename, self.dtype, name)
-        self.saved.append(path)
         self._saved_step = trainer.global_step
         rank_zero_info(f"adapter saved: {path} ({path.stat().st_size / 1024:,.0f} KiB)")
 

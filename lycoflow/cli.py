@@ -91,10 +91,7 @@ class LycoflowCLI(LightningCLI):
         init_args = getattr(logger_config, "init_args", None) or {}
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
-                if not init_args.get("save_dir"):
-                    logger.set_save_dir(run)
-                if not init_args.get("name"):
-                    logger._wandb_init["name"] = logger._name = run.resolve().name
+                logger.bind_run_folder(run, save_dir=not init_args.get("save_dir"), name=not init_args.get("name"))
 
     def before_fit(self) -> None:
         self._bind_run_folder()

@@ -70,9 +70,13 @@ class WandbLogger(_WandbLogger):
         if self._wandb_init.get("anonymous") is None:  # wandb >= 0.19 warns about the key even when unset
             self._wandb_init.pop("anonymous", None)
 
-    def set_save_dir(self, path: str | Path) -> None:
-        """Point the run at a folder before it starts (the CLI uses the run folder)."""
-        self._save_dir = self._wandb_init["dir"] = str(path)
+    def bind_run_folder(self, folder: str | Path, save_dir: bool = True, name: bool = True) -> None:
+        """Before the run starts: write it into ``folder`` and/or name it after it (the CLI does this for what the
+        recipe left unset)."""
+        if save_dir:
+            self._save_dir = self._wandb_init["dir"] = str(folder)
+        if name:
+            self._name = self._wandb_init["name"] = Path(folder).resolve().name
 
     @property
     @rank_zero_experiment

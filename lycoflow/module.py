@@ -222,7 +222,7 @@ class DiffusionFinetune(L.LightningModule):
             optimizer = torch.optim.AdamW(groups, weight_decay=0.1, betas=(0.9, 0.99))
         else:
             optimizer = self.optimizer_factory(groups)
-        warmup = max(self.warmup_steps, 0)
+        warmup = self.warmup_steps
         schedulers: list[torch.optim.lr_scheduler.LRScheduler] = []
         if warmup:
             schedulers.append(torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)))
@@ -236,7 +236,7 @@ class DiffusionFinetune(L.LightningModule):
 
     # -- checkpoints and adapter files ----------------------------------------------------------------
     def trainable_state_dict(self) -> dict[str, Tensor]:
-        return {f"networks.{k}": v for k, v in self.networks.state_dict().items()}
+        return self.networks.state_dict(prefix="networks.")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The frozen base (GBs for SD) is rebuilt from `base` on resume; only the adapters are state.

@@ -353,14 +353,19 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+def fit_recording(dm, epochs, tmp_path):
+    """A real Trainer.fit over ``dm``; returns the model that recorded every batch's paths."""
+    model = Recorder()
+    L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False, limit_val_batches=0,
+              enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path
+              ).fit(model, datamodule=dm)
+    return model
+
+
 def test_trainer_sets_each_epoch_on_the_sampler(tmp_path):
     root = make_tree(tmp_path / "data", {"a/x": 3, "b/y": 5})
-    model = Recorder()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
     dm = HierarchicalDataModule(str(root), resolution=4, batch_size=4)
-    trainer.fit(model, datamodule=dm)
+    model = fit_recording(dm, 3, tmp_path)
     expected = []
     for epoch in range(3):
         dm.sampler.set_epoch(epoch)
@@ -495,12 +500,8 @@ def test_bucket_no_upscale_and_too_small_images(tmp_path):
 
 def test_trainer_fits_with_buckets_and_sets_each_epoch(tmp_path):
     root = make_shaped_tree(tmp_path / "data", {"a/land": 3, "b/square": 2})
-    model = Recorder()
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False,
-                        default_root_dir=tmp_path)
     dm = HierarchicalDataModule(str(root), batch_size=2, **BUCKETED)
-    trainer.fit(model, datamodule=dm)
+    model = fit_recording(dm, 2, tmp_path)
     expected = []
     for epoch in range(2):
         dm.bucket_sampler.set_epoch(epoch)
