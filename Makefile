@@ -27,3 +27,4 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/data.py

@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -59,6 +59,9 @@ from PIL import Image, ImageOps
 from rich.console import Console
 from rich.table import Table
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+
+from .cache import cache_dir as default_cache_dir
+from .encodings import TEXT_BATCH, Encoders, EncodingCache, file_digests, fill, latent_key, text_key
 
 MANIFEST = "dataset.yaml"
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -655,7 +658,8 @@ class HierarchicalDataset(Dataset):
     """Items by ``index`` (deterministic: centre crop, full caption) or ``(index, seed)`` (augmented); a list of
     keys gives the collated batch (what :class:`BucketBatchSampler` asks for).
 
-    ``buckets`` (one (w, h) per sample) replaces the square ``resolution`` crop.
+    ``buckets`` (one (w, h) per sample) replaces the square ``resolution`` crop. An item holds ``pixel_values``
+    or, with the latent cache, ``latent_parameters``; with the text cache also ``encoder_hidden_states``.
     """
 
     def __init__(self, samples: Sequence[Sample], concepts: Sequence[Concept], resolution: int,
@@ -672,6 +676,11 @@ class HierarchicalDataset(Dataset):
         self.keep_tokens = keep_tokens
         self.tag_dropout = tag_dropout
         self.caption_dropout = caption_dropout
+        # Set by HierarchicalDataModule.cache_encodings: per sample the (unflipped, flipped) latent entry, and per
+        # caption its text entry; items then carry those tensors instead of pixels / instead of nothing.
+        self.cache: EncodingCache | None = None
+        self.latent_keys: list[tuple[str, str | None]] | None = None
+        self.text_keys: dict[str, str] | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -685,18 +694,59 @@ class HierarchicalDataset(Dataset):
         rng = None if seed is None else np.random.default_rng(seed)
         # Always draw the same four numbers first, so switching one option does not reshuffle the others.
         u_drop, u_flip, u_x, u_y = rng.random(4) if rng is not None else (1.0, 1.0, 0.5, 0.5)
-        offset = (0.5, 0.5) if self.center_crop else (u_x, u_y)
-        try:
-            size = (self.resolution, self.resolution) if self.buckets is None else self.buckets[index]
-            img = cover_crop(load_rgb(sample.path), size, offset)
-        except (OSError, ValueError, SyntaxError) as err:
-            raise ValueError(f"{sample.path}: unreadable image ({err}); it was readable at setup") from err
-        if self.flip and u_flip < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        flip = bool(self.flip and u_flip < 0.5)
+        item: dict[str, Any] = {}
+        if self.latent_keys is not None:
+            item["latent_parameters"] = self._cache().read("latent_parameters", self.latent_keys[index][flip])
+        else:
+            item["pixel_values"] = self.pixels(index, (0.5, 0.5) if self.center_crop else (u_x, u_y), flip)
         caption = "" if u_drop < self.caption_dropout else build_caption(
             concept.descriptor, sample.tags, self.keep_tokens, self.shuffle_tags, self.tag_dropout, rng)
-        return {"pixel_values": to_tensor(img), "caption": caption, "category": concept.category,
-                "class": concept.class_name, "subclass": concept.subclass, "path": str(sample.path)}
+        if self.text_keys is not None:
+            item["encoder_hidden_states"] = self._cache().read("encoder_hidden_states", self.text_keys[caption])
+        return {**item, "caption": caption, "category": concept.category, "class": concept.class_name,
+                "subclass": concept.subclass, "path": str(sample.path)}
+
+    def size(self, index: int) -> Bucket:
+        """The (w, h) sample ``index`` is trained at."""
+        return (self.resolution, self.resolution) if self.buckets is None else self.buckets[index]
+
+    def pixels(self, index: int, offset: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> torch.Tensor:
+        """The image cropped to its training size (``offset`` places the crop), mirrored if ``flip``."""
+        path = self.samples[index].path
+        try:
+            img = cover_crop(load_rgb(path), self.size(index), offset)
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ValueError(f"{path}: unreadable image ({err}); it was readable at setup") from err
+        return to_tensor(img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else img)
+
+    def full_caption(self, index: int) -> str:
+        """The caption without shuffle or dropout (what validation uses)."""
+        sample = self.samples[index]
+        return build_caption(self.concepts[sample.concept].descriptor, sample.tags, self.keep_tokens)
+
+    def _cache(self) -> EncodingCache:
+        assert self.cache is not None, "cache keys are set together with the cache"
+        return self.cache
+
+
+class _LatentInputs(Dataset):
+    """The cropped, maybe flipped images of the latent entries to encode: ``(key, pixels, metadata)``."""
+
+    def __init__(self, dataset: HierarchicalDataset, jobs: Sequence[tuple[str, int, bool]]) -> None:
+        self.dataset, self.jobs = dataset, list(jobs)
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, j: int) -> tuple[str, torch.Tensor, dict[str, str]]:
+        key, index, flip = self.jobs[j]
+        (w, h), path = self.dataset.size(index), self.dataset.samples[index].path
+        return key, self.dataset.pixels(index, flip=flip), {"image": str(path), "size": f"{w}x{h}", "flip": str(flip)}
+
+
+def _collate_latent_inputs(rows: list[tuple[str, torch.Tensor, dict[str, str]]]) -> tuple[list, torch.Tensor, list]:
+    return [r[0] for r in rows], torch.stack([r[1] for r in rows]), [r[2] for r in rows]
 
 
 # ---------------------------------------------------------------- the data module
@@ -727,6 +777,9 @@ class HierarchicalDataModule(L.LightningDataModule):
         max_bucket_resolution: int = 1024,
         bucket_step: int = 64,
         bucket_no_upscale: bool = False,
+        cache_latents: bool = False,
+        cache_text_encoder_outputs: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         """
         Args:
@@ -761,12 +814,26 @@ class HierarchicalDataModule(L.LightningDataModule):
             bucket_step: bucket sides are multiples of this (64 for SD: 8 latent pixels).
             bucket_no_upscale: an image smaller than ``resolution``² in area gets a bucket of its own size
                 rounded down to ``bucket_step`` (never upscaled), instead of a predefined bucket.
+            cache_latents: encode every training image with the VAE once, before the first batch (progress bar),
+                and read the latents from disk afterwards. Entries are keyed by image content, VAE, size and flip
+                (with ``flip`` both orientations are encoded); needs ``center_crop``.
+            cache_text_encoder_outputs: likewise for the text encoder's outputs, one entry per caption; needs a
+                frozen text encoder (``model.train_text_encoder: false``) and fixed captions (no ``shuffle_tags``
+                or ``tag_dropout``; ``caption_dropout`` is fine).
+            cache_dir: where the caches live (default ``<lycoflow cache>/encodings``); entries are content-keyed,
+                so runs share them, and the folder can be deleted at any time.
         """
         super().__init__()
         _check_options(resolution, batch_size, caption_dropout, tag_dropout, keep_tokens, num_workers, seed,
                        caption_extension)
         if bucketing:
             _check_buckets(resolution, min_bucket_resolution, max_bucket_resolution, bucket_step)
+        if cache_latents and not center_crop:
+            raise ValueError("cache_latents needs center_crop: true (a random crop differs every epoch, so its "
+                             "latents could not be reused); set center_crop: true or cache_latents: false")
+        if cache_text_encoder_outputs and (shuffle_tags or tag_dropout):
+            raise ValueError("cache_text_encoder_outputs needs fixed captions: set shuffle_tags: false and "
+                             "tag_dropout: 0, or cache_text_encoder_outputs: false")
         self.save_hyperparameters()
         self.root = root
         self.resolution = resolution
@@ -788,6 +855,9 @@ class HierarchicalDataModule(L.LightningDataModule):
         self.max_bucket_resolution = max_bucket_resolution
         self.bucket_step = bucket_step
         self.bucket_no_upscale = bucket_no_upscale
+        self.cache_latents = cache_latents
+        self.cache_text_encoder_outputs = cache_text_encoder_outputs
+        self.cache_dir = cache_dir
         self.buckets: list[Bucket] = []  # with bucketing: the (w, h) of each sample
         self.concepts: list[Concept] = []  # read by the evaluation callbacks: triggers, eval texts, prompts
         self.samples: list[Sample] = []
@@ -825,6 +895,7 @@ class HierarchicalDataModule(L.LightningDataModule):
             print_buckets(self.buckets)
 
     def train_dataloader(self) -> DataLoader:
+        self._fill_caches()
         if self._ready().bucket_sampler is not None:
             # Whole batches come from the sampler, so Lightning's DDP wrapper shards batches, not images.
             return self._loader(sampler=self.bucket_sampler, batch_size=None)
@@ -832,7 +903,92 @@ class HierarchicalDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Every image once, in scan order, centre-cropped, unflipped, with its full caption."""
+        self._fill_caches()
         return self._loader(shuffle=False)
+
+    def cache_encodings(self, encoders: Encoders, rank: int = 0, world_size: int = 1,
+                        barrier: Callable[[], None] | None = None) -> None:
+        """Encode what the caches lack and make the loaders read from them.
+
+        Inside a Trainer the loaders call this with the LightningModule (on its device, after it was moved);
+        elsewhere call it yourself. Under DDP each rank encodes a share of the missing entries, waits at
+        ``barrier``, then encodes whatever it still cannot see (a disk other ranks do not share).
+        """
+        dataset = self._ready().dataset
+        assert dataset is not None
+        root = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir() / "encodings"
+        cache = EncodingCache(root)
+        latent_keys, latent_jobs = self._latent_jobs(encoders, dataset) if self.cache_latents else (None, {})
+        text_keys, text_jobs = self._text_jobs(encoders, dataset) if self.cache_text_encoder_outputs else (None, {})
+
+        def encode_missing(share: slice) -> None:
+            latents = cache.missing("latent_parameters", latent_jobs)[share]
+            texts = cache.missing("encoder_hidden_states", text_jobs)[share]
+            show = rank == 0
+            if latents:
+                self._encode_latents(cache, encoders, dataset, [(k, *latent_jobs[k]) for k in latents], show)
+            if texts:
+                chunks = [texts[i:i + TEXT_BATCH] for i in range(0, len(texts), TEXT_BATCH)]
+                batches = ((keys, [text_jobs[k] for k in keys], [{"caption": text_jobs[k]} for k in keys])
+                           for keys in chunks)
+                fill(cache, "encoder_hidden_states", batches, encoders.encode_text, len(texts),
+                     "caching text-encoder outputs", show)
+
+        report_cache(cache.root, {"latents": (len(latent_jobs), len(cache.missing("latent_parameters", latent_jobs))),
+                                  "text-encoder outputs": (len(text_jobs),
+                                                           len(cache.missing("encoder_hidden_states", text_jobs)))})
+        encode_missing(slice(rank, None, world_size))
+        if world_size > 1 and barrier is not None:
+            barrier()
+            encode_missing(slice(None))
+        dataset.cache, dataset.latent_keys, dataset.text_keys = cache, latent_keys, text_keys
+
+    def _latent_jobs(self, encoders: Encoders, dataset: HierarchicalDataset
+                     ) -> tuple[list[tuple[str, str | None]], dict[str, tuple[int, bool]]]:
+        """Per sample its (unflipped, flipped) entry keys, and per key what to encode: (sample, flip)."""
+        vae = encoders.latent_identity()
+        digests = file_digests([sample.path for sample in self.samples])
+        keys = [(latent_key(d, vae, dataset.size(i), False), latent_key(d, vae, dataset.size(i), True)
+                 if self.flip else None) for i, d in enumerate(digests)]
+        return keys, {key: (i, bool(flip)) for i, pair in enumerate(keys) for flip, key in enumerate(pair)
+                      if key is not None}
+
+    def _text_jobs(self, encoders: Encoders, dataset: HierarchicalDataset) -> tuple[dict[str, str], dict[str, str]]:
+        """Per caption its entry key, and per key the caption: every full caption, and "" with caption dropout."""
+        identity = encoders.text_identity()
+        if identity is None:
+            raise ValueError("cache_text_encoder_outputs needs a frozen text encoder, but the model trains it: set "
+                             "model.train_text_encoder: false, or data.init_args.cache_text_encoder_outputs: false")
+        captions = [dataset.full_caption(i) for i in range(len(dataset))] + [""] * (self.caption_dropout > 0)
+        keys = {caption: text_key(caption, identity) for caption in captions}
+        return keys, {key: caption for caption, key in keys.items()}
+
+    def _encode_latents(self, cache: EncodingCache, encoders: Encoders, dataset: HierarchicalDataset,
+                        jobs: list[tuple[str, int, bool]], show: bool) -> None:
+        # One size per VAE call: batches are cut within each training size.
+        by_size: dict[Bucket, list[int]] = {}
+        for j, (_, index, _) in enumerate(jobs):
+            by_size.setdefault(dataset.size(index), []).append(j)
+        batches = [group[i:i + self.batch_size] for _, group in sorted(by_size.items())
+                   for i in range(0, len(group), self.batch_size)]
+        loader = DataLoader(_LatentInputs(dataset, jobs), batch_sampler=batches, num_workers=self.num_workers,
+                            collate_fn=_collate_latent_inputs)
+        fill(cache, "latent_parameters", loader, encoders.latent_parameters, len(jobs), "caching latents", show)
+
+    def _fill_caches(self) -> None:
+        """Inside a Trainer: fill the caches with the LightningModule's encoders the first time a loader is asked."""
+        wanted = self.cache_latents or self.cache_text_encoder_outputs
+        if not wanted or self._ready().dataset.cache is not None:
+            return
+        if self.trainer is None:
+            raise RuntimeError("cache_latents / cache_text_encoder_outputs need encoders: call "
+                               "dm.cache_encodings(model) before asking for a loader outside a Trainer")
+        model = self.trainer.lightning_module
+        if not isinstance(model, Encoders):
+            raise TypeError(f"cache_latents / cache_text_encoder_outputs need a model that encodes "
+                            f"(latent_identity, latent_parameters, text_identity, encode_text); "
+                            f"{type(model).__name__} does not")
+        self.cache_encodings(model, self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
 
     def _ready(self) -> HierarchicalDataModule:
         if self.dataset is None:
@@ -868,6 +1024,15 @@ def _check_buckets(resolution: int, min_side: int, max_side: int, step: int) -> 
     if min_side * min_side > resolution * resolution:
         raise ValueError(f"min_bucket_resolution {min_side} leaves no bucket with w·h <= resolution² "
                          f"(resolution {resolution}); lower it to at most {resolution}")
+
+
+@rank_zero_only
+def report_cache(root: Path, counts: dict[str, tuple[int, int]]) -> None:
+    """One line per cache in use: entries wanted, how many to encode, and where they live."""
+    for name, (total, missing) in counts.items():
+        if total:
+            Console().print(f"{name} cache: {total} entries, {total - missing} found, {missing} to encode ({root})",
+                            soft_wrap=True, markup=False, highlight=False)
 
 
 @rank_zero_only

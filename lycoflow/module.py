@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 import lycoris
 
 from . import __version__
+from .encodings import module_digest
 from .models import BaseModel
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,6 +125,8 @@ class DiffusionFinetune(L.LightningModule):
         # Only adapters are checkpointed (see on_save_checkpoint); the frozen base is rebuilt from `base`.
         self.strict_loading = False
         self._last_batch_end: float | None = None
+        self._latent_identity: str | None = None
+        self._text_identity: str | None = None
 
     # -- the denoising loss ---------------------------------------------------------------------------
     def _seed(self, *key: int) -> int:
@@ -148,13 +152,34 @@ class DiffusionFinetune(L.LightningModule):
         return self.text_encoder(ids)[0]
 
     @torch.no_grad()
-    def encode_images(self, pixels: Tensor, generator: torch.Generator) -> Tensor:
+    def latent_parameters(self, pixels: Tensor) -> Tensor:
+        """The VAE posterior (mean and log-variance channels) of pixels in [-1, 1]: what the latent cache keeps."""
         with torch.autocast(self.device.type, enabled=False):  # the VAE runs in float32 whatever the precision
-            latents = self.vae.encode(pixels.float()).latent_dist.sample(generator)
-        return latents * self.vae.config.scaling_factor
+            return self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.parameters
+
+    def sample_latents(self, parameters: Tensor, generator: torch.Generator) -> Tensor:
+        """A scaled latent drawn from the posterior with the step's generator (cached or not, the same draw)."""
+        return DiagonalGaussianDistribution(parameters.float()).sample(generator) * self.vae.config.scaling_factor
+
+    # The data module's caches key their entries by these (see lycoflow.encodings.Encoders).
+    def latent_identity(self) -> str:
+        if self._latent_identity is None:
+            self._latent_identity = module_digest(self.vae, dict(self.vae.config), "float32")
+        return self._latent_identity
+
+    def text_identity(self) -> str | None:
+        if self.train_text_encoder:
+            return None
+        if self._text_identity is None:
+            tokenizer = self.tokenizer
+            self._text_identity = module_digest(self.text_encoder, type(tokenizer).__name__,
+                                                sorted(tokenizer.get_vocab().items()), tokenizer.model_max_length)
+        return self._text_identity
 
     def denoising_loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
-        latents = batch["latents"] if "latents" in batch else self.encode_images(batch["pixel_values"], generator)
+        parameters = batch["latent_parameters"] if "latent_parameters" in batch else \
+            self.latent_parameters(batch["pixel_values"])
+        latents = self.sample_latents(parameters, generator)
         context = batch["encoder_hidden_states"] if "encoder_hidden_states" in batch else \
             self.encode_text(batch["caption"])
         noise = torch.randn(latents.shape, generator=generator, device=self.device)

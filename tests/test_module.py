@@ -32,7 +32,9 @@ def test_loss_is_the_denoising_objective(tiny_sd_folder, prediction_type, gamma)
     # Replay the same draws by hand: eq. (1) of the paper, ||target - UNet(z_t, t, c)||^2.
     gen = model._generator(3, 1)
     scheduler = model.noise_scheduler
-    latents = model.encode_images(data["pixel_values"], gen)
+    with torch.no_grad():
+        posterior = model.vae.encode(data["pixel_values"]).latent_dist
+    latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)) * 0.18215
     noise = torch.randn(latents.shape, generator=gen)
     t = torch.randint(0, 1000, (4,), generator=gen)
     a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
