@@ -1,5 +1,6 @@
 """Latent and text-encoder caches: real TinySD encoders, real files, real Trainer runs."""
 
+import re
 from pathlib import Path
 
 import lightning as L
@@ -199,8 +200,11 @@ def test_cache_errors_name_the_fix(tiny_sd_folder, tmp_path):
         dm.cache_encodings(model(tiny_sd_folder, train_text_encoder=True))
 
     dm.cache_encodings(model(tiny_sd_folder))
-    damaged = next((tmp_path / "cache" / "latent_parameters").rglob("*.safetensors"))
-    damaged.write_bytes(b"not a tensor file")
-    with pytest.raises(ValueError, match=f"{damaged}: unreadable cache entry.*delete it"):
+    # Every entry damaged, so whichever orientation the epoch draws first is unreadable.
+    folder = tmp_path / "cache" / "latent_parameters"
+    for damaged in folder.rglob("*.safetensors"):
+        damaged.write_bytes(b"not a tensor file")
+    with pytest.raises(ValueError, match=re.escape(str(folder)) + r"/../[0-9a-f]{64}\.safetensors: unreadable cache "
+                                         r"entry.*delete it"):
         for _ in dm.train_dataloader():
             pass
