@@ -28,3 +28,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/adapters.py
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/data.py
+	$(PY) benchmarks/eval.py

@@ -1,6 +1,6 @@
-"""Lightning callbacks of lycoflow: adapter export, resumable checkpoints (generation, evaluation and logging to
-come)."""
+"""Lightning callbacks of lycoflow: adapter export, resumable checkpoints, evaluation at saved epochs."""
 
+from .evaluation import Evaluation
 from .saving import AdapterExport, RunCheckpoint
 
-__all__ = ["AdapterExport", "RunCheckpoint"]
+__all__ = ["AdapterExport", "Evaluation", "RunCheckpoint"]

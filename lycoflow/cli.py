@@ -12,6 +12,7 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ LIGHTNING_COMMANDS = {
     "validate": "compute the validation loss of a recipe's model (with --ckpt_path to a checkpoint)",
 }
 
+#: lycoflow's own commands (not Lightning's), with what each runs.
+OWN_COMMANDS = {
+    "evaluate": "generate the prompt suites with an adapter file and measure them (metrics.csv, images, W&B)",
+}
+
 USAGE = """usage: lycoflow COMMAND [RECIPE ...] [--key=value ...]
 
 Fine-tune Stable Diffusion with LyCORIS adapters on PyTorch Lightning.
@@ -45,6 +51,23 @@ examples:
   lycoflow fit recipes/lokr.yaml --ckpt_path last       # resume an interrupted run
   lycoflow fit recipes/lora.yaml --print_config         # the resolved recipe, with every default
   lycoflow fit --help                                   # every option
+  lycoflow evaluate --adapter runs/lokr/adapters/epoch=10.safetensors   # its recipe is inside the file
+"""
+
+EVALUATE_USAGE = """usage: lycoflow evaluate --adapter FILE [RECIPE ...] [--out DIR] [--multiplier M] [--device D]
+                         [--key=value ...]
+
+Generate the evaluation prompt suites with an adapter file applied to the recipe's base model (any algorithm the
+file holds) and measure them, as the Evaluation callback does at saved epochs: images, metrics.csv and a W&B run
+in --out. Without RECIPE the recipe stored in the file is used; the recipe's callbacks.Evaluation settings apply
+(the paper's defaults if it has none); --key=value overrides work as for fit, e.g.
+--data.init_args.root=/data/concepts.
+
+options:
+  --adapter FILE   the .safetensors adapter file (LyCORIS/kohya keys; ours or another trainer's)
+  --out DIR        where images, metrics.csv and the W&B run go (default: the file's run folder, or beside it)
+  --multiplier M   adapter strength (default 1)
+  --device D       cuda when available, else cpu
 """
 
 
@@ -87,7 +110,8 @@ class LycoflowCLI(LightningCLI):
     def _bind_run_folder(self) -> None:
         """Loggers the recipe left without a folder or name write to the run folder and take its name."""
         run = Path(self.trainer.default_root_dir)
-        logger_config = self.config[self.subcommand]["trainer"].get("logger")
+        config = self.config[self.subcommand] if self.subcommand else self.config  # None: built without running
+        logger_config = config["trainer"].get("logger")
         init_args = getattr(logger_config, "init_args", None) or {}
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -157,18 +181,93 @@ def _deliberate(err: BaseException) -> bool:
     return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_OURS)
 
 
+#: The top-level recipe sections that describe what to build (the rest are options of `fit` itself).
+_PARTS = ("seed_everything", "model", "data", "trainer")
+
+
+def evaluate(argv: list[str]) -> Path:
+    """``lycoflow evaluate``: returns the folder written to."""
+    import torch
+    from safetensors import safe_open
+
+    parser = argparse.ArgumentParser(prog="lycoflow evaluate", add_help=False, exit_on_error=False)
+    parser.add_argument("--adapter")
+    parser.add_argument("--out")
+    parser.add_argument("--multiplier", type=float, default=1.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    options, rest = parser.parse_known_args(argv)
+    if not options.adapter:
+        raise ValueError("name the adapter file: lycoflow evaluate --adapter FILE (`lycoflow evaluate --help`)")
+    adapter = Path(options.adapter)
+    if not adapter.is_file():
+        raise FileNotFoundError(f"adapter file not found: {adapter}")
+    try:
+        with safe_open(str(adapter), "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for a file that is not safetensors
+        raise ValueError(f"{adapter} is not a readable .safetensors file ({err})") from None
+    out = Path(options.out) if options.out else (
+        adapter.parent.parent if adapter.parent.name == "adapters" else adapter.parent / f"eval-{adapter.stem}")
+    recipes = [a for a in rest if not a.startswith("-")]
+    overrides = [a for a in rest if a.startswith("-")]
+    if not recipes and "lycoflow_recipe" not in metadata:
+        raise ValueError(f"{adapter} holds no recipe (it was not written by lycoflow): name one, e.g. "
+                         f"lycoflow evaluate --adapter {adapter} recipes/lokr.yaml")
+    texts = [Path(r).read_text(encoding="utf-8") for r in recipes] if recipes else [metadata["lycoflow_recipe"]]
+    with tempfile.TemporaryDirectory(prefix="lycoflow-evaluate-") as tmp:
+        files = []
+        for i, text in enumerate(texts):
+            # A fit's resolved recipe (config.yaml, the file's metadata) also holds fit's own options (ckpt_path,
+            # weights_only, ...), which building the parts does not take.
+            config = {k: v for k, v in (yaml.safe_load(text) or {}).items() if k in _PARTS}
+            files.append(Path(tmp) / f"recipe{i}.yaml")
+            files[-1].write_text(yaml.safe_dump(config), encoding="utf-8")
+        cli = run_lightning(["fit", *map(str, files), *overrides, f"--trainer.default_root_dir={out}"], run=False)
+    cli._bind_run_folder()  # W&B into --out, named after it (what before_fit does for fit)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    found = [c for c in trainer.callbacks if isinstance(c, callbacks.Evaluation)]
+    evaluation = found[0] if found else callbacks.Evaluation()
+    for network in model.networks.values():  # the file brings its own adapters, whatever algorithm they are
+        network.remove()
+    networks = lycoris.load_file(adapter, {"lora_unet": model.unet, "lora_te": model.text_encoder},
+                                 multiplier=options.multiplier)
+    model.to(options.device).eval()
+    for network in networks.values():
+        network.to(options.device)
+    data.prepare_data()
+    data.setup("fit")
+    recipe = metadata.get("lycoflow_recipe") or texts[0]
+    with torch.no_grad(), trainer.precision_plugin.forward_context():
+        rows, images = evaluation.evaluate(
+            callbacks.evaluation.parts_of(model), list(networks.values()), data, out,
+            epoch=int(metadata.get("ss_epoch", 0)), step=int(metadata.get("ss_steps", 0)),
+            run=metadata.get("ss_output_name", out.resolve().name),
+            config=evaluation.config_name or callbacks.evaluation.config_id(recipe),
+            seed=int(metadata.get("ss_seed", 0)))
+    evaluation.log_results(trainer, rows, images)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = "\n".join(f"  {name:<10} {text}" for name, text in LIGHTNING_COMMANDS.items())
+    commands = "\n".join(f"  {name:<10} {text}" for name, text in {**LIGHTNING_COMMANDS, **OWN_COMMANDS}.items())
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE.format(commands=commands))
         return 0 if argv else 2
-    if argv[0] not in LIGHTNING_COMMANDS:
-        print(f"lycoflow: unknown command {argv[0]!r}; choose one of: {', '.join(LIGHTNING_COMMANDS)}",
-              file=sys.stderr)
+    if argv[0] not in LIGHTNING_COMMANDS and argv[0] not in OWN_COMMANDS:
+        print(f"lycoflow: unknown command {argv[0]!r}; choose one of: "
+              f"{', '.join([*LIGHTNING_COMMANDS, *OWN_COMMANDS])}", file=sys.stderr)
         return 2
+    if argv[0] == "evaluate" and any(a in ("-h", "--help") for a in argv[1:]):
+        print(EVALUATE_USAGE)
+        return 0
     try:
-        run_lightning(argv)
+        if argv[0] == "evaluate":
+            print(f"lycoflow evaluate: wrote {evaluate(argv[1:])}")
+        else:
+            run_lightning(argv)
     except argparse.ArgumentError as err:
         print(f"lycoflow {argv[0]}: error: {_condense(str(err))}\n(`lycoflow {argv[0]} --help` lists every option)",
               file=sys.stderr)

@@ -36,3 +36,14 @@ def synthetic_root(tmp_path_factory):
     from lycoflow.synthetic import generate
 
     return generate(tmp_path_factory.mktemp("data") / "synthetic")
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_sd_folder, synthetic_root):
+    """Overrides that swap a recipe's base model and data for the tiny model and the quickstart data set."""
+    return [
+        "--model.base=lycoflow.tiny.TinySD", f"--model.base.init_args.folder={tiny_sd_folder}",
+        "--data=lycoflow.synthetic.SyntheticConcepts", f"--data.init_args.root={synthetic_root}",
+        "--data.init_args.resolution=64", "--data.init_args.num_workers=0",
+        "--trainer.precision=32-true", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+    ]

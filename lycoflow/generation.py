@@ -1,0 +1,100 @@
+"""Text-to-image sampling with the model being trained (or a base model with adapter files attached).
+
+The loop is diffusers' components driven directly rather than ``StableDiffusionPipeline``, for three reasons:
+each image gets its own generator (its starting noise depends on its seed alone, not on its batch neighbours),
+the VAE decodes in float32 while the UNet may hold bfloat16 weights, and the adapters stay attached in-process,
+so any algorithm (and its multiplier: 0 gives the base model) is what generates.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, SchedulerMixin, UNet2DConditionModel
+from torch import Tensor
+from transformers import CLIPTextModel, CLIPTokenizer
+
+
+class Sampler:
+    """How evaluation images are generated (paper: DDIM, 25 steps, CFG 7, 512²).
+
+    Args:
+        scheduler: a diffusers scheduler class, built from the base model's noise schedule
+            (``diffusers.DDIMScheduler``, ``diffusers.EulerDiscreteScheduler``,
+            ``diffusers.DPMSolverMultistepScheduler``, ...).
+        steps: denoising steps.
+        guidance_scale: classifier-free guidance; 1 turns it off (and halves the cost).
+        resolution: side of the square images.
+        negative_prompt: the unconditional prompt of classifier-free guidance.
+        batch_size: images per UNet call.
+    """
+
+    def __init__(self, scheduler: type[SchedulerMixin] = DDIMScheduler, steps: int = 25, guidance_scale: float = 7.0,
+                 resolution: int = 512, negative_prompt: str = "", batch_size: int = 8) -> None:
+        for name, value in (("steps", steps), ("resolution", resolution), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"Sampler: {name}={value} must be >= 1")
+        if resolution % 8:
+            raise ValueError(f"Sampler: resolution={resolution} must be a multiple of 8 (the VAE's downsampling)")
+        self.scheduler, self.steps, self.guidance_scale = scheduler, steps, guidance_scale
+        self.resolution, self.negative_prompt, self.batch_size = resolution, negative_prompt, batch_size
+
+    def describe(self) -> dict[str, object]:
+        """What decides the images (stored beside cached base images, to know when they are stale)."""
+        return {"scheduler": self.scheduler.__name__, "steps": self.steps, "guidance_scale": self.guidance_scale,
+                "resolution": self.resolution, "negative_prompt": self.negative_prompt}
+
+
+@dataclass
+class Parts:
+    """What sampling needs from a Stable Diffusion model."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler_config: dict
+
+
+def _embed(parts: Parts, texts: Sequence[str], device: torch.device) -> Tensor:
+    length = parts.text_encoder.config.max_position_embeddings
+    ids = parts.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                          return_tensors="pt").input_ids.to(device)
+    return parts.text_encoder(ids)[0]
+
+
+@torch.no_grad()
+def generate(parts: Parts, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler) -> Tensor:
+    """Images ``[n, 3, r, r]`` in [0, 1] (float32, on the model's device), one per (prompt, seed), in one batch."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    device = next(parts.unet.parameters()).device
+    dtype = parts.unet.dtype
+    scheduler = sampler.scheduler.from_config(parts.scheduler_config)
+    scheduler.set_timesteps(sampler.steps, device=device)
+    guided = sampler.guidance_scale != 1.0
+    context = _embed(parts, prompts, device)
+    if guided:
+        context = torch.cat([_embed(parts, [sampler.negative_prompt] * len(prompts), device), context])
+    side = sampler.resolution // 8
+    channels = parts.unet.config.in_channels
+    # One generator per image, on the CPU: the same seed gives the same noise on any device and in any batch.
+    noise = [torch.randn((channels, side, side), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    latents = torch.stack(noise).to(device) * scheduler.init_noise_sigma
+    # Ancestral/SDE samplers draw noise at every step too: from the batch's first seed (DDIM, the default, does not).
+    extra = {"generator": torch.Generator(device).manual_seed(seeds[0])} \
+        if "generator" in inspect.signature(scheduler.step).parameters else {}
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        pred = parts.unet(model_input.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+        if guided:
+            uncond, cond = pred.chunk(2)
+            pred = uncond + sampler.guidance_scale * (cond - uncond)
+        latents = scheduler.step(pred, t, latents, **extra).prev_sample
+    with torch.autocast(device.type, enabled=False):  # SD's VAE overflows in half precision
+        images = parts.vae.decode(latents.float() / parts.vae.config.scaling_factor).sample
+    return ((images + 1) / 2).clamp(0, 1)

@@ -1,0 +1,142 @@
+"""The Evaluation callback end to end: a real fit of the tiny model on the generated data set, real images on disk,
+metrics.csv, an offline W&B run; and the values against what they must be."""
+
+import csv
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import lycoris
+from callbacks import AdapterExport, Evaluation
+from callbacks.evaluation import config_id, parts_of
+from lycoflow.cli import main, run_lightning
+from lycoflow.evaluation import COLUMNS, METRICS
+from lycoflow.generation import Sampler
+from lycoflow.loggers import WandbLogger
+from lycoflow.metrics.encoders import TinyCLIP, TinyDINOv2, TinyVGG19
+from lycoflow.module import DiffusionFinetune
+from lycoflow.synthetic import SyntheticConcepts
+from lycoflow.tiny import TinySD
+
+TYPES = ["train", "trigger", "alter", "style", "agnostic"]
+
+
+def evaluation(**kwargs) -> Evaluation:
+    options = {"images": 2, "prompt_types": TYPES, "sampler": Sampler(steps=2, resolution=32, batch_size=16),
+               "image_encoder": TinyDINOv2(), "text_image_encoder": TinyCLIP(), "style_encoder": TinyVGG19()}
+    return Evaluation(**{**options, **kwargs})
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_sd_folder, synthetic_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "lokr-run"
+    torch.manual_seed(0)
+    model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoKr(factor=4, dim=10000, alpha=1))
+    data = SyntheticConcepts(root=str(synthetic_root), resolution=32, batch_size=16)
+    logger = WandbLogger(save_dir=str(run), name="lokr-run", offline=True)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=logger, default_root_dir=run,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=0,
+                        callbacks=[AdapterExport(every_n_epochs=1), evaluation()])
+    trainer.fit(model, datamodule=data)
+    return run, data, model
+
+
+def test_every_saved_epoch_writes_images_metrics_and_a_wandb_run(fitted):
+    run, data, _ = fitted
+    concepts = data.concepts
+    rows = read_rows(run / "metrics.csv")
+    assert tuple(rows[0]) == COLUMNS
+    # Per epoch, class and prompt type: the four metrics, plus the style loss for style prompts.
+    per_epoch = len(concepts) * (len(TYPES) * 4 + 1)
+    assert len(rows) == 2 * per_epoch
+    assert {r["epoch"] for r in rows} == {"1", "2"} and {r["run"] for r in rows} == {"lokr-run"}
+    assert {r["metric"] for r in rows} == set(METRICS)
+    assert {r["prompt_type"] for r in rows if r["metric"] == "style_loss"} == {"style"}
+    assert {(r["category"], r["class"], r["subclass"]) for r in rows} == {
+        (c.category, c.class_name, c.subclass) for c in concepts}
+    for r in rows:
+        value = float(r["value"])
+        assert math.isfinite(value), r
+        if r["metric"] in ("image_similarity", "text_image_similarity"):
+            assert -1 <= value <= 1
+        if r["metric"] == "vendi_score":  # 2 images of one prompt (trigger) or 2 prompts of 1 image (the rest)
+            assert 1 - 1e-4 <= value <= 2 + 1e-4
+        if r["metric"] in ("squared_centroid_distance", "style_loss"):
+            assert value >= 0
+    for epoch in (1, 2):
+        images = sorted((run / "eval" / f"epoch={epoch}").rglob("*.png"))
+        assert len(images) == len(concepts) * len(TYPES) * 2
+    assert (run / "eval" / "epoch=1" / "style" / "shapes" / "star" / "0001.png").is_file()
+    # Base images: once per run, for the style prompts only.
+    assert len(list((run / "eval" / "base").rglob("*.png"))) == len(concepts) * 2
+    # The offline W&B run holds the scalars, the per-class table and the image grids.
+    wandb_files = {p.name for p in (run / "wandb").rglob("*") if p.is_file()}
+    assert any(name.endswith(".wandb") for name in wandb_files)
+    media = list((run / "wandb").rglob("media/images/eval/images/**/*.png"))
+    assert media and list((run / "wandb").rglob("media/table/eval/classes*.table.json"))
+
+
+def test_untrained_adapter_has_zero_style_loss_and_is_deterministic(fitted, tiny_sd_folder, tmp_path):
+    """Adapters at their zero init leave the model the base: generated == base images, style loss exactly 0; and
+    evaluating twice gives the same table."""
+    _, data, _ = fitted
+    torch.manual_seed(0)
+    model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4)).eval()
+    results = []
+    for attempt in range(2):
+        callback = evaluation(prompt_types=["style", "trigger"])
+        rows, _ = callback.evaluate(parts_of(model), list(model.networks.values()), data, tmp_path / str(attempt),
+                                    epoch=1, step=0, run="zero", config="c", seed=0)
+        results.append({(r["class"], r["subclass"], r["prompt_type"], r["metric"]): r["value"] for r in rows})
+    losses = [v for (_, _, _, metric), v in results[0].items() if metric == "style_loss"]
+    assert losses and all(v == 0.0 for v in losses)
+    assert results[0] == results[1]
+
+
+def test_config_id_ignores_seeds_and_run_folder():
+    a = "seed_everything: 1\nmodel:\n  seed: 1\n  lr: 0.1\ntrainer:\n  default_root_dir: runs/a\n"
+    b = "seed_everything: 2\nmodel:\n  seed: 2\n  lr: 0.1\ntrainer:\n  default_root_dir: runs/b\n"
+    c = "seed_everything: 1\nmodel:\n  seed: 1\n  lr: 0.2\ntrainer:\n  default_root_dir: runs/a\n"
+    assert config_id(a) == config_id(b) != config_id(c)
+
+
+def test_lycoflow_evaluate_reproduces_the_evaluation_of_training(tiny, tmp_path):
+    """The adapter file alone (its recipe is inside) gives the metrics the run computed at that epoch; overrides
+    apply on top of the stored recipe (here: a W&B logger, which the run had turned off)."""
+    run = tmp_path / "run"
+    run_lightning(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}",
+                   "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+                   "--trainer.logger=false"])
+    during = read_rows(run / "metrics.csv")
+    assert main(["evaluate", "--adapter", str(run / "adapters" / "epoch=1.safetensors"),
+                 "--out", str(tmp_path / "again"), "--trainer.logger=lycoflow.loggers.WandbLogger"]) == 0
+    after = read_rows(tmp_path / "again" / "metrics.csv")
+    assert len(after) == len(during) > 0
+    for a, b in zip(during, after):
+        assert {k: v for k, v in a.items() if k != "value"} == {k: v for k, v in b.items() if k != "value"}
+        # The file holds float16 weights; training evaluated float32 ones.
+        assert float(a["value"]) == pytest.approx(float(b["value"]), abs=2e-3, rel=1e-2), a
+    assert list((tmp_path / "again" / "wandb").glob("offline-run-*"))
+    assert len(list((tmp_path / "again" / "eval" / "epoch=1").rglob("*.png"))) == len(list(
+        (run / "eval" / "epoch=1").rglob("*.png")))
+
+
+def test_lycoflow_evaluate_errors_name_the_file(tmp_path, capsys):
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 2)}, str(foreign))
+    assert main(["evaluate", "--adapter", str(foreign)]) == 2
+    assert f"{foreign} holds no recipe (it was not written by lycoflow): name one" in capsys.readouterr().err
+    assert main(["evaluate", "--adapter", str(tmp_path / "missing.safetensors")]) == 2
+    assert "adapter file not found" in capsys.readouterr().err
+    assert main(["evaluate"]) == 2
+    assert "name the adapter file" in capsys.readouterr().err
