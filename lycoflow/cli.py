@@ -36,6 +36,7 @@ LIGHTNING_COMMANDS = {
 #: lycoflow's own commands (not Lightning's), with what each runs.
 OWN_COMMANDS = {
     "evaluate": "generate the prompt suites with an adapter file and measure them (metrics.csv, images, W&B)",
+    "sweep": "run a grid of configurations × seeds (or emit it for SLURM / a W&B sweep)",
 }
 
 USAGE = """usage: lycoflow COMMAND [RECIPE ...] [--key=value ...]
@@ -266,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[0] == "evaluate":
             print(f"lycoflow evaluate: wrote {evaluate(argv[1:])}")
+        elif argv[0] == "sweep":
+            from .sweep import main as sweep
+
+            return sweep(argv[1:])
         else:
             run_lightning(argv)
     except argparse.ArgumentError as err:

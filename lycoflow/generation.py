@@ -95,6 +95,8 @@ def generate(parts: Parts, prompts: Sequence[str], seeds: Sequence[int], sampler
             uncond, cond = pred.chunk(2)
             pred = uncond + sampler.guidance_scale * (cond - uncond)
         latents = scheduler.step(pred, t, latents, **extra).prev_sample
+    latents = latents.float() / parts.vae.config.scaling_factor
     with torch.autocast(device.type, enabled=False):  # SD's VAE overflows in half precision
-        images = parts.vae.decode(latents.float() / parts.vae.config.scaling_factor).sample
+        # One image at a time: SD's float32 decoder needs GBs per 512² image, on top of the training state.
+        images = torch.cat([parts.vae.decode(z[None]).sample for z in latents])
     return ((images + 1) / 2).clamp(0, 1)

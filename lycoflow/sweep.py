@@ -1,0 +1,207 @@
+"""``lycoflow sweep``: a grid of configurations × seeds, expanded from a sweep file into concrete `fit` runs.
+
+A sweep file (see ``recipes/sweeps/paper.yaml``)::
+
+    name: paper                      # runs go to runs/<name>/ unless `root:` (relative to the file) or --root
+    seeds: [0, 1, 2]
+    configs:
+      - name: lora
+        recipes: [../lora.yaml]      # relative to the sweep file; merged in order, as `lycoflow fit` does
+        vary:                        # one variant per entry, each changing the recipes by these keys
+          - {model.lr: 1.0e-4}
+          - {model.adapter.init_args.dim: 32, model.adapter.init_args.alpha: 16}
+
+expands to the configurations ``lora`` (the recipes as they are), ``lora-lr_0.0001`` and
+``lora-dim_32+alpha_16``, each run once per seed into ``<root>/<config>-seed<S>``. A W&B run is named after its
+folder and grouped by its configuration (``WANDB_RUN_GROUP``), so dashboards can group the seeds.
+
+Runs execute one after another in subprocesses (a crash or out-of-memory in one does not end the sweep; a
+finished run is skipped and an interrupted one resumed from its last checkpoint when the sweep is started
+again), or are emitted for an external scheduler: one command per run, a SLURM array script, and a W&B sweep
+definition whose agent runs ``lycoflow sweep FILE --run=K``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: Written into a run folder when its `fit` exits cleanly; a later sweep skips that run.
+DONE = ".sweep-done"
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One concrete `lycoflow fit`: recipes, the variant's overrides, a seed and a folder."""
+
+    index: int
+    config: str
+    seed: int
+    recipes: tuple[str, ...]
+    overrides: tuple[str, ...]
+    folder: Path
+
+    def argv(self, extra: Sequence[str] = ()) -> list[str]:
+        """``lycoflow`` arguments: the sweep-wide ``extra`` overrides first, so that the variant's win."""
+        return ["fit", *self.recipes, *extra, *self.overrides, f"--seed_everything={self.seed}",
+                f"--trainer.default_root_dir={self.folder}"]
+
+    def env(self) -> dict[str, str]:
+        return {"WANDB_RUN_GROUP": self.config}
+
+
+def _label(value: Any) -> str:
+    return str(value).replace("/", "-").replace(" ", "")
+
+
+def variant_name(group: str, changes: dict[str, Any]) -> str:
+    """``lora`` + {model.lr: 1e-4} → ``lora-lr_0.0001``; several keys joined with ``+``."""
+    if not changes:
+        return group
+    return group + "-" + "+".join(f"{key.rsplit('.', 1)[-1]}_{_label(value)}" for key, value in changes.items())
+
+
+def load_sweep(path: Path, root: Path | None = None) -> list[SweepRun]:
+    """Read and check a sweep file; every run in order (configuration-major, then seed)."""
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"sweep file {path}: {err}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("configs"), list) or not spec["configs"]:
+        raise ValueError(f"sweep file {path}: needs `configs:`, a list of {{name, recipes, vary}} entries")
+    name = str(spec.get("name") or path.stem)
+    seeds = spec.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"sweep file {path}: `seeds` must be a list of integers >= 0, got {seeds!r}")
+    if root is None:
+        root = path.parent / spec["root"] if spec.get("root") else Path("runs") / name
+    runs: list[SweepRun] = []
+    seen: set[str] = set()
+    for i, entry in enumerate(spec["configs"]):
+        where = f"sweep file {path}: configs[{i}]"
+        if not isinstance(entry, dict) or not entry.get("name") or not entry.get("recipes"):
+            raise ValueError(f"{where} needs `name` and `recipes`")
+        recipes = tuple(str((path.parent / r).resolve()) for r in entry["recipes"])
+        for recipe in recipes:
+            if not Path(recipe).is_file():
+                raise FileNotFoundError(f"{where}: recipe not found: {recipe}")
+        variants = entry.get("vary") or []
+        if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
+            raise ValueError(f"{where}: `vary` must be a list of non-empty {{key: value}} mappings")
+        for changes in [{}, *variants]:
+            config = variant_name(str(entry["name"]), changes)
+            if config in seen:
+                raise ValueError(f"{where}: configuration {config!r} appears twice")
+            seen.add(config)
+            overrides = tuple(f"--{key}={_cli_value(value)}" for key, value in changes.items())
+            for seed in seeds:
+                runs.append(SweepRun(len(runs), config, seed, recipes, overrides, root / f"{config}-seed{seed}"))
+    return runs
+
+
+def _cli_value(value: Any) -> str:
+    # YAML/JSON spelling, which jsonargparse parses back to the same value (lists, null, booleans).
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def run_locally(runs: Sequence[SweepRun], extra: Sequence[str], total: int) -> int:
+    """Each run in a subprocess, one after another; returns the number that failed (``total``: the sweep's size,
+    for the progress lines)."""
+    failed = []
+    for run in runs:
+        if (run.folder / DONE).is_file():
+            print(f"[{run.index + 1}/{total}] {run.folder}: done already, skipped")
+            continue
+        resume = ["--ckpt_path=last"] if (run.folder / "checkpoints" / "last.ckpt").is_file() else []
+        argv = run.argv(extra) + resume
+        print(f"[{run.index + 1}/{total}] {run.config} seed {run.seed} → {run.folder}"
+              + (" (resuming)" if resume else ""), flush=True)
+        result = subprocess.run([sys.executable, "-m", "lycoflow.cli", *argv], env={**os.environ, **run.env()})
+        if result.returncode == 0:
+            run.folder.mkdir(parents=True, exist_ok=True)
+            (run.folder / DONE).write_text("")
+        else:
+            failed.append(run)
+            print(f"[{run.index + 1}/{total}] {run.folder}: failed (exit {result.returncode}); the sweep goes on",
+                  file=sys.stderr, flush=True)
+    print(f"sweep: {len(runs) - len(failed)} of {len(runs)} runs done" +
+          (f"; failed: {', '.join(str(r.folder) for r in failed)} (start the sweep again to retry them)"
+           if failed else ""))
+    return len(failed)
+
+
+def emit(runs: Sequence[SweepRun], sweep_file: Path, extra: Sequence[str], out: Path, name: str) -> list[Path]:
+    """Write ``commands.sh`` (one command per run), ``slurm.sh`` (an array job) and ``wandb_sweep.yaml``."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = ["lycoflow", "sweep", str(sweep_file.resolve()), *extra]
+    commands = ["#!/bin/sh", f"# {len(runs)} runs of sweep {name}; any line can run anywhere, in any order."]
+    commands += [f"WANDB_RUN_GROUP={shlex.quote(r.config)} lycoflow {shlex.join(r.argv(extra))}" for r in runs]
+    slurm = ["#!/bin/bash", f"#SBATCH --job-name=lycoflow-{name}", f"#SBATCH --array=0-{len(runs) - 1}",
+             "#SBATCH --gpus=1", "# Add your partition, time and memory lines here.",
+             f"{shlex.join(base)} --run=$SLURM_ARRAY_TASK_ID"]
+    wandb = {"name": f"lycoflow-{name}", "program": "lycoflow", "method": "grid",
+             "parameters": {"run": {"values": list(range(len(runs)))}},
+             "command": [*base, "${args}"]}
+    written = []
+    for filename, text in (("commands.sh", "\n".join(commands) + "\n"), ("slurm.sh", "\n".join(slurm) + "\n"),
+                           ("wandb_sweep.yaml", yaml.safe_dump(wandb, sort_keys=False))):
+        path = out / filename
+        tmp = path.with_name(f".{filename}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+        written.append(path)
+    return written
+
+
+USAGE_EPILOG = """examples:
+  lycoflow sweep recipes/sweeps/paper.yaml --data.init_args.root=/data/concepts   # every run, one after another
+  lycoflow sweep recipes/sweeps/paper.yaml --list                                # the runs and their folders
+  lycoflow sweep recipes/sweeps/paper.yaml --run=5 --data.init_args.root=...     # run 5 only (SLURM, W&B agents)
+  lycoflow sweep recipes/sweeps/paper.yaml --emit sweep/ --data.init_args.root=...
+      # sweep/commands.sh, sweep/slurm.sh (sbatch it), sweep/wandb_sweep.yaml (wandb sweep it, then wandb agent)
+
+Other --key=value arguments are passed to every run's `lycoflow fit` (before the variant's own changes).
+A run that finished is skipped when the sweep is started again; an interrupted one resumes from its checkpoint."""
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="lycoflow sweep", description="Run or emit a grid of lycoflow fit runs.",
+                                     epilog=USAGE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep", type=Path, help="the sweep file (see recipes/sweeps/paper.yaml)")
+    parser.add_argument("--root", type=Path, help="folder of the runs (default: runs/<name>, or the file's root:)")
+    parser.add_argument("--list", action="store_true", help="print the runs and exit")
+    parser.add_argument("--run", type=int, help="run only this one (0-based index, as --list numbers them)")
+    parser.add_argument("--emit", type=Path, metavar="DIR", help="write commands.sh, slurm.sh, wandb_sweep.yaml")
+    options, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if not a.startswith("--") or "=" not in a]
+    if unknown:
+        raise ValueError(f"lycoflow sweep passes only --key=value overrides to the runs; got {' '.join(unknown)}")
+    if not options.sweep.is_file():
+        raise FileNotFoundError(f"sweep file not found: {options.sweep}")
+    runs = load_sweep(options.sweep, options.root)
+    name = runs[0].folder.parent.name
+    if options.list:
+        for run in runs:
+            print(f"{run.index:>4}  {run.config:<36} seed {run.seed}  {run.folder}")
+        print(f"{len(runs)} runs, {len({r.config for r in runs})} configurations")
+        return 0
+    if options.emit:
+        for path in emit(runs, options.sweep, extra, options.emit, name):
+            print(f"wrote {path}")
+        return 0
+    total = len(runs)
+    if options.run is not None:
+        if not 0 <= options.run < total:
+            raise ValueError(f"--run={options.run}: the sweep has runs 0 to {total - 1} (see --list)")
+        runs = [runs[options.run]]
+    return 1 if run_locally(runs, extra, total) else 0
