@@ -147,23 +147,29 @@ def measure_shard(parts: Parts, networks: Sequence[Network], suite: Sequence[Eva
     base_of = dict(styled)
     records = []
     device = next(parts.unet.parameters()).device
-    for chunk in batches(list(zip(indices, mine, paths)), sampler.batch_size):
-        images = torch.stack([load_png(path) for _, _, path in chunk]).to(device)
-        embeddings = encoders.image.embed_images(images).float().cpu()
-        image_clip = encoders.text_image.embed_images(images).float()
-        text_clip = encoders.text_image.embed_texts([p.text for _, p, _ in chunk]).float()
-        similarity = F.paired_cosines(image_clip, text_clip).cpu()
-        style = [None] * len(chunk)
-        wanted = [k for k, (_, p, _) in enumerate(chunk) if p in base_of]
-        if wanted:
-            base = torch.stack([load_png(base_of[chunk[k][1]]) for k in wanted]).to(device)
-            ours = gram_matrices(encoders.style, images[wanted])
-            theirs = gram_matrices(encoders.style, base)
-            for k, value in zip(wanted, F.gram_distances(ours, theirs).cpu().tolist()):
-                style[k] = value
-        for k, (index, _, _) in enumerate(chunk):
-            records.append(Record(index, embeddings[k], float(similarity[k]), style[k]))
+    with torch.autocast(device.type, enabled=False):  # measured in the encoders' own precision, whatever trains
+        for chunk in batches(list(zip(indices, mine, paths)), sampler.batch_size):
+            records.extend(_measure(chunk, encoders, base_of, device))
     return records, rate
+
+
+def _measure(chunk: list[tuple[int, EvalPrompt, Path]], encoders: Encoders, base_of: dict[EvalPrompt, Path],
+             device: torch.device) -> list[Record]:
+    """One batch of saved images → their records."""
+    images = torch.stack([load_png(path) for _, _, path in chunk]).to(device)
+    embeddings = encoders.image.embed_images(images).float().cpu()
+    image_clip = encoders.text_image.embed_images(images).float()
+    text_clip = encoders.text_image.embed_texts([p.text for _, p, _ in chunk]).float()
+    similarity = F.paired_cosines(image_clip, text_clip).cpu()
+    style: list[float | None] = [None] * len(chunk)
+    wanted = [k for k, (_, p, _) in enumerate(chunk) if p in base_of]
+    if wanted:
+        base = torch.stack([load_png(base_of[chunk[k][1]]) for k in wanted]).to(device)
+        ours = gram_matrices(encoders.style, images[wanted])
+        theirs = gram_matrices(encoders.style, base)
+        for k, value in zip(wanted, F.gram_distances(ours, theirs).cpu().tolist()):
+            style[k] = value
+    return [Record(index, embeddings[k], float(similarity[k]), style[k]) for k, (index, _, _) in enumerate(chunk)]
 
 
 @torch.no_grad()
@@ -171,9 +177,10 @@ def reference_embeddings(encoder: ImageEmbedder, images: Callable[[int], Tensor]
                          device: torch.device) -> Tensor:
     """The embeddings of ``count`` dataset images (``images(i)``: [3, h, w] in [0, 1])."""
     out = []
-    for start in range(0, count, batch_size):
-        batch = torch.stack([images(i) for i in range(start, min(count, start + batch_size))]).to(device)
-        out.append(encoder.embed_images(batch).float().cpu())
+    with torch.autocast(device.type, enabled=False):  # as the generated images are measured
+        for start in range(0, count, batch_size):
+            batch = torch.stack([images(i) for i in range(start, min(count, start + batch_size))]).to(device)
+            out.append(encoder.embed_images(batch).float().cpu())
     return torch.cat(out)
 
 
