@@ -113,6 +113,11 @@ class Evaluation(L.Callback):
             every = exports[0].every_n_epochs if exports else None
         return every is not None and epoch % every == 0
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Load (or download) the encoders now: a missing one must stop the run before training, not after an epoch.
+        if stage == "fit":
+            self.encoders(torch.device("cpu"))
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if not self.due(trainer, epoch):

@@ -25,6 +25,7 @@ import callbacks
 import lycoris
 
 from .loggers import WandbLogger
+from .metrics.encoders import EncoderError
 from .models import BaseModelError
 
 #: Lightning subcommands lycoflow offers, with what each runs.
@@ -174,7 +175,7 @@ _OURS = tuple(str(Path(m.__file__).parent) for m in (lycoris, callbacks)) + (str
 def _deliberate(err: BaseException) -> bool:
     """Whether ``err`` is a message written for the user — raised by lycoflow's own code (a bad value, a missing
     file) or Lightning's configuration check — rather than a failure deep in a library, whose traceback helps."""
-    if isinstance(err, (BaseModelError, MisconfigurationException)):
+    if isinstance(err, (BaseModelError, EncoderError, MisconfigurationException)):
         return True
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -277,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lycoflow {argv[0]}: error: {_condense(str(err))}\n(`lycoflow {argv[0]} --help` lists every option)",
               file=sys.stderr)
         return 2
-    except (BaseModelError, FileNotFoundError, NotADirectoryError, ValueError, MisconfigurationException) as err:
+    except (BaseModelError, EncoderError, FileNotFoundError, NotADirectoryError, ValueError,
+            MisconfigurationException) as err:
         if os.environ.get("LYCOFLOW_DEBUG") or not _deliberate(err):
             raise
         print(f"lycoflow {argv[0]}: error: {err}\n(set LYCOFLOW_DEBUG=1 to see the traceback)", file=sys.stderr)

@@ -228,3 +228,14 @@ def test_ddp_on_two_cpu_processes(tiny, tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == 7 * (4 * 4 + 1) and {r["epoch"] for r in rows} == {"1"}
     assert len(list((run / "eval" / "epoch=1").rglob("*.png"))) == 7 * 4 * 4
+
+
+def test_missing_evaluation_encoders_stop_the_run_before_training(tiny, tmp_path, capsys):
+    """The SD recipes evaluate with DINOv2/CLIP/VGG19; offline and not cached, the run stops at setup, not after
+    an epoch of training."""
+    run = tmp_path / "lora"
+    assert main(["fit", "recipes/lora.yaml", *tiny, f"--trainer.default_root_dir={run}", "--trainer.max_epochs=1",
+                 "--trainer.logger=false"]) == 2
+    err = capsys.readouterr().err
+    assert "could not load DINOv2 model 'facebook/dinov2-large'" in err and "Download it once" in err
+    assert not (run / "adapters").exists() and not (run / "checkpoints").exists()
