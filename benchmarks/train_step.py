@@ -84,7 +84,7 @@ def median_ms(times: list[float]) -> float:
 # -- quickstart -----------------------------------------------------------------------------------------------
 def quickstart_cli(folder: Path, device: str, bf16: bool, fit_steps: int, callbacks: list[L.Callback]) -> Any:
     """The quickstart recipe as ``lycoflow fit`` instantiates it, run folder and tiny model in ``folder``."""
-    from lycoflow.cli import run_lightning
+    from lycoflow.lightning_cli import run_lightning
 
     precision = ["--trainer.precision=bf16-mixed"] if bf16 else []
     cli = run_lightning(["fit", str(RECIPE), f"--model.base.init_args.folder={folder / 'tiny-sd'}",

@@ -32,11 +32,11 @@ from . import __version__
 from .encodings import module_digest
 from .models import BaseModel
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DType = Literal["float32", "bfloat16", "float16"]
 
 
-def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     # diffusers warns on every .to(dtype), even a no-op one.
     return module if next(module.parameters()).dtype == dtype else module.to(dtype)
 
@@ -102,9 +102,9 @@ class DiffusionFinetune(L.LightningModule):
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         # SD's parts have no batch norm and zero dropout, so train mode changes nothing in them; it is what
         # transformers' gradient checkpointing needs, and it keeps Lightning's module-mode checks quiet.
-        self.unet = _cast(parts.unet.requires_grad_(False).train(), _DTYPES[weight_dtype])
-        self.vae = _cast(parts.vae.requires_grad_(False).train(), torch.float32)
-        self.text_encoder = _cast(parts.text_encoder.requires_grad_(False).train(), _DTYPES[weight_dtype])
+        self.unet = cast_frozen(parts.unet.requires_grad_(False).train(), DTYPES[weight_dtype])
+        self.vae = cast_frozen(parts.vae.requires_grad_(False).train(), torch.float32)
+        self.text_encoder = cast_frozen(parts.text_encoder.requires_grad_(False).train(), DTYPES[weight_dtype])
         self.unet.set_attn_processor(AttnProcessor2_0())  # torch's scaled_dot_product_attention (flash/mem-eff)
 
         networks = {"lora_unet": adapter.apply(self.unet, prefix="lora_unet")}
@@ -303,4 +303,4 @@ class DiffusionFinetune(L.LightningModule):
         ``lora_te_*``), atomically."""
         path = Path(path)
         return lycoris.save_file(path, dict(self.networks), metadata=self.adapter_metadata(output_name or path.stem),
-                                 dtype=_DTYPES[dtype])
+                                 dtype=DTYPES[dtype])

@@ -13,9 +13,10 @@ from safetensors.torch import save_file
 import lycoris
 from callbacks import AdapterExport, Evaluation
 from callbacks.evaluation import config_id, parts_of
-from lycoflow.cli import main, run_lightning
+from lycoflow.cli import main
 from lycoflow.evaluation import COLUMNS, METRICS
 from lycoflow.generation import Sampler
+from lycoflow.lightning_cli import run_lightning
 from lycoflow.loggers import WandbLogger
 from lycoflow.metrics.encoders import TinyCLIP, TinyDINOv2, TinyVGG19
 from lycoflow.module import DiffusionFinetune

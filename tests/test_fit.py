@@ -15,7 +15,8 @@ import yaml
 from safetensors import safe_open
 
 import lycoris
-from lycoflow.cli import main, run_lightning
+from lycoflow.cli import main
+from lycoflow.lightning_cli import run_lightning
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import TinySD
 

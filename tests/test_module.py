@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import lycoris
-from lycoflow.cli import run_lightning
+from lycoflow.lightning_cli import run_lightning
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import TinySD
 

@@ -36,7 +36,7 @@ from lycoflow.metrics.functional import (
 )
 
 # Dtypes a state may have, by the index that _gather_allowing_empty sends in place of the dtype.
-_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
+DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool)
 # Most dims a gathered state may have (ours have at most 2).
 _MAX_DIMS = 8
 
@@ -59,7 +59,7 @@ def _gather_allowing_empty(tensor: Tensor, group: Any | None = None) -> list[Ten
     # [has data, dtype index, ndim, trailing dims...]
     layout = torch.zeros(3 + _MAX_DIMS, dtype=torch.int64, device=tensor.device)
     if tensor.numel():
-        layout[:3] = torch.tensor([1, _DTYPES.index(tensor.dtype), tensor.ndim])
+        layout[:3] = torch.tensor([1, DTYPES.index(tensor.dtype), tensor.ndim])
         layout[3 : 3 + max(tensor.ndim - 1, 0)] = torch.tensor(tensor.shape[1:], dtype=torch.int64)
     layouts = [torch.zeros_like(layout) for _ in range(torch.distributed.get_world_size(group))]
     torch.distributed.all_gather(layouts, layout, group=group)
@@ -67,7 +67,7 @@ def _gather_allowing_empty(tensor: Tensor, group: Any | None = None) -> list[Ten
     if not tensor.numel() and holders:
         _, dtype_index, ndim = holders[0][:3]
         trailing = holders[0][3 : 3 + max(ndim - 1, 0)]
-        tensor = torch.zeros((0, *trailing), dtype=_DTYPES[dtype_index], device=tensor.device)
+        tensor = torch.zeros((0, *trailing), dtype=DTYPES[dtype_index], device=tensor.device)
     return gather_all_tensors(tensor, group)
 
 

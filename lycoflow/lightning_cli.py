@@ -1,0 +1,180 @@
+"""The Lightning side of the ``lycoflow`` command: recipes → `LycoflowCLI` (LightningCLI) → model, data, Trainer.
+
+Kept apart from :mod:`lycoflow.cli` (the dispatcher), which imports this only for the commands that need it, so
+``lycoflow --help`` and ``lycoflow sweep --list`` answer without importing Lightning, diffusers and transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import yaml
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+import callbacks
+import lycoris
+
+from .loggers import WandbLogger
+
+#: The commands LycoflowCLI runs (the dispatcher's table of them is in lycoflow.cli).
+SUBCOMMANDS = ("fit", "validate")
+
+
+class RecipeSaver(SaveConfigCallback):
+    """Writes the resolved recipe to ``<run folder>/config.yaml``, logs it to W&B, and hands it to the module
+    so that every adapter file carries it."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        pl_module.recipe = self.parser.dump(self.config, skip_none=False)
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams(self.config.as_dict())
+
+
+def _integer_seed(seed: int | bool) -> int:
+    # Lightning also takes true/false (a random seed / none); lycoflow needs the number itself, for the noise,
+    # the data order and the record in config.yaml.
+    if isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed_everything must be an integer >= 0 (got {seed}): lycoflow seeds the noise and "
+                         "the data order with it; pick any number, e.g. --seed_everything=1")
+    return seed
+
+
+class LycoflowCLI(LightningCLI):
+    """LightningCLI with `DiffusionFinetune`, any `LightningDataModule` by class_path, and lycoflow's defaults:
+    W&B logging (offline without credentials) into the run folder, seed 0."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+                "validate": {"model", "dataloaders", "datamodule"}}
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        # One seed for everything: Lightning's global seed, the noise/timestep draws and the data order.
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=_integer_seed)
+        parser.link_arguments("seed_everything", "data.init_args.seed", compute_fn=_integer_seed)
+
+    def _bind_run_folder(self) -> None:
+        """Loggers the recipe left without a folder or name write to the run folder and take its name."""
+        run = Path(self.trainer.default_root_dir)
+        config = self.config[self.subcommand] if self.subcommand else self.config  # None: built without running
+        logger_config = config["trainer"].get("logger")
+        init_args = getattr(logger_config, "init_args", None) or {}
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.bind_run_folder(run, save_dir=not init_args.get("save_dir"), name=not init_args.get("name"))
+
+    def before_fit(self) -> None:
+        self._bind_run_folder()
+
+    def before_validate(self) -> None:
+        self._bind_run_folder()
+
+
+def run_lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
+    """``argv`` = [command, recipe..., --overrides...]; with ``run=False`` only parse and instantiate."""
+    from .module import DiffusionFinetune
+
+    command, rest = argv[0], argv[1:]
+    recipes: list[str] = []
+    while rest and not rest[0].startswith("-"):  # leading positionals are recipes, merged in order
+        recipes.append(rest.pop(0))
+    for recipe in recipes:
+        if not Path(recipe).is_file():
+            raise FileNotFoundError(f"recipe not found: {recipe}")
+        try:  # jsonargparse would report a YAML error without the file's name
+            yaml.safe_load(Path(recipe).read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise ValueError(f"recipe {recipe} is not valid YAML: {err}") from None
+    args = [command, *(a for r in recipes for a in ("--config", r)), *rest]
+    # We pass the rewritten command line as `args` on purpose (positional recipes become --config).
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    return LycoflowCLI(
+        DiffusionFinetune,
+        subclass_mode_data=True,
+        args=args if run else args[1:],
+        run=run,
+        seed_everything_default=0,
+        save_config_callback=RecipeSaver,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"logger": {"class_path": "lycoflow.loggers.WandbLogger"}},
+        auto_configure_optimizers=False,
+        # Parse errors are raised, not printed with the full usage, so `main` can report them in a few lines.
+        parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False,
+                       **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
+    )
+
+
+#: The top-level recipe sections that describe what to build (the rest are options of `fit` itself).
+_PARTS = ("seed_everything", "model", "data", "trainer")
+
+
+def evaluate(argv: list[str]) -> Path:
+    """``lycoflow evaluate``: returns the folder written to."""
+    import torch
+    from safetensors import safe_open
+
+    parser = argparse.ArgumentParser(prog="lycoflow evaluate", add_help=False, exit_on_error=False)
+    parser.add_argument("--adapter")
+    parser.add_argument("--out")
+    parser.add_argument("--multiplier", type=float, default=1.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    options, rest = parser.parse_known_args(argv)
+    if not options.adapter:
+        raise ValueError("name the adapter file: lycoflow evaluate --adapter FILE (`lycoflow evaluate --help`)")
+    adapter = Path(options.adapter)
+    if not adapter.is_file():
+        raise FileNotFoundError(f"adapter file not found: {adapter}")
+    try:
+        with safe_open(str(adapter), "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types for a file that is not safetensors
+        raise ValueError(f"{adapter} is not a readable .safetensors file ({err})") from None
+    out = Path(options.out) if options.out else (
+        adapter.parent.parent if adapter.parent.name == "adapters" else adapter.parent / f"eval-{adapter.stem}")
+    recipes = [a for a in rest if not a.startswith("-")]
+    overrides = [a for a in rest if a.startswith("-")]
+    if not recipes and "lycoflow_recipe" not in metadata:
+        raise ValueError(f"{adapter} holds no recipe (it was not written by lycoflow): name one, e.g. "
+                         f"lycoflow evaluate --adapter {adapter} recipes/lokr.yaml")
+    texts = [Path(r).read_text(encoding="utf-8") for r in recipes] if recipes else [metadata["lycoflow_recipe"]]
+    with tempfile.TemporaryDirectory(prefix="lycoflow-evaluate-") as tmp:
+        files = []
+        for i, text in enumerate(texts):
+            # A fit's resolved recipe (config.yaml, the file's metadata) also holds fit's own options (ckpt_path,
+            # weights_only, ...), which building the parts does not take.
+            config = {k: v for k, v in (yaml.safe_load(text) or {}).items() if k in _PARTS}
+            files.append(Path(tmp) / f"recipe{i}.yaml")
+            files[-1].write_text(yaml.safe_dump(config), encoding="utf-8")
+        cli = run_lightning(["fit", *map(str, files), *overrides, f"--trainer.default_root_dir={out}"], run=False)
+    cli._bind_run_folder()  # W&B into --out, named after it (what before_fit does for fit)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    found = [c for c in trainer.callbacks if isinstance(c, callbacks.Evaluation)]
+    evaluation = found[0] if found else callbacks.Evaluation()
+    for network in model.networks.values():  # the file brings its own adapters, whatever algorithm they are
+        network.remove()
+    networks = lycoris.load_file(adapter, {"lora_unet": model.unet, "lora_te": model.text_encoder},
+                                 multiplier=options.multiplier)
+    model.to(options.device).eval()
+    for network in networks.values():
+        network.to(options.device)
+    data.prepare_data()
+    data.setup("fit")
+    recipe = metadata.get("lycoflow_recipe") or texts[0]
+    with torch.no_grad(), trainer.precision_plugin.forward_context():
+        rows, images = evaluation.evaluate(
+            callbacks.evaluation.parts_of(model), list(networks.values()), data, out,
+            epoch=int(metadata.get("ss_epoch", 0)), step=int(metadata.get("ss_steps", 0)),
+            run=metadata.get("ss_output_name", out.resolve().name),
+            config=evaluation.config_name or callbacks.evaluation.config_id(recipe),
+            seed=int(metadata.get("ss_seed", 0)))
+    evaluation.log_results(trainer, rows, images)
+    for logger in trainer.loggers:
+        logger.finalize("success")
+    return out
