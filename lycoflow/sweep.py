@@ -7,6 +7,7 @@ A sweep file (see ``recipes/sweeps/paper.yaml``)::
     configs:
       - name: lora
         recipes: [../lora.yaml]      # relative to the sweep file; merged in order, as `lycoflow fit` does
+        set: {model.warmup_steps: 100}   # optional: changes for every variant of this configuration
         vary:                        # one variant per entry, each changing the recipes by these keys
           - {model.lr: 1.0e-4}
           - {model.adapter.init_args.dim: 32, model.adapter.init_args.alpha: 16}
@@ -98,12 +99,15 @@ def load_sweep(path: Path, root: Path | None = None) -> list[SweepRun]:
         variants = entry.get("vary") or []
         if not isinstance(variants, list) or not all(isinstance(v, dict) and v for v in variants):
             raise ValueError(f"{where}: `vary` must be a list of non-empty {{key: value}} mappings")
+        fixed = entry.get("set") or {}
+        if not isinstance(fixed, dict):
+            raise ValueError(f"{where}: `set` must be a {{key: value}} mapping")
         for changes in [{}, *variants]:
             config = variant_name(str(entry["name"]), changes)
             if config in seen:
                 raise ValueError(f"{where}: configuration {config!r} appears twice")
             seen.add(config)
-            overrides = tuple(f"--{key}={_cli_value(value)}" for key, value in changes.items())
+            overrides = tuple(f"--{key}={_cli_value(value)}" for key, value in {**fixed, **changes}.items())
             for seed in seeds:
                 runs.append(SweepRun(len(runs), config, seed, recipes, overrides, root / f"{config}-seed{seed}"))
     return runs

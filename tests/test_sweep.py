@@ -79,3 +79,18 @@ def test_a_sweep_runs_every_run_goes_on_after_a_failure_and_skips_finished_runs(
     # Started again: the finished runs are skipped, the failed one is tried again (and fails again).
     assert main(["sweep", str(sweep), *quick, "--run=0"]) == 0
     assert "done already, skipped" in capsys.readouterr().out
+
+
+def test_set_applies_to_every_variant_of_a_configuration_and_variants_win(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [3], "configs": [{
+        "name": "lora", "recipes": [str(REPO / "recipes" / "quickstart.yaml")],
+        "set": {"model.adapter": "lycoris.LoRA", "model.lr": 1.0e-4}, "vary": [{"model.lr": 1.0e-3}]}]}))
+    default, variant = load_sweep(path, root=tmp_path / "runs")
+    assert default.overrides == ("--model.adapter=lycoris.LoRA", "--model.lr=0.0001")
+    assert variant.overrides == ("--model.adapter=lycoris.LoRA", "--model.lr=0.001")
+    assert variant.config == "lora-lr_0.001" and variant.folder == tmp_path / "runs" / "lora-lr_0.001-seed3"
+    path.write_text(yaml.safe_dump({"configs": [{"name": "a", "recipes": [str(REPO / "recipes" / "lora.yaml")],
+                                                 "set": ["model.lr"]}]}))
+    with pytest.raises(ValueError, match=r"configs\[0\]: `set` must be a \{key: value\} mapping"):
+        load_sweep(path)
