@@ -60,6 +60,26 @@ class SweepRun:
     def env(self) -> dict[str, str]:
         return {"WANDB_RUN_GROUP": self.config}
 
+    def recipe(self, extra: Sequence[str] = ()) -> dict[str, Any]:
+        """The run's own recipe: what it changes on top of its recipes (the sweep-wide overrides, the variant's,
+        the seed and the folder), nested as a YAML recipe; ``lycoflow fit *recipes THIS`` is the run."""
+        out: dict[str, Any] = {}
+        for argument in self.argv(extra)[1 + len(self.recipes):]:
+            key, _, text = argument[2:].partition("=")
+            value = yaml.safe_load(text)
+            node = out
+            *parents, leaf = key.split(".")
+            for part in parents:
+                # `--model.base=pkg.Class` then `--model.base.init_args.x=1`: the class path becomes a key.
+                if part in node and not isinstance(node[part], dict):
+                    node[part] = {"class_path": node[part]}
+                node = node.setdefault(part, {})
+            if isinstance(node.get(leaf), dict) and isinstance(value, str):
+                node[leaf]["class_path"] = value
+            else:
+                node[leaf] = value
+        return out
+
 
 def _label(value: Any) -> str:
     return str(value).replace("/", "-").replace(" ", "")
@@ -145,26 +165,31 @@ def run_locally(runs: Sequence[SweepRun], extra: Sequence[str], total: int) -> i
 
 
 def emit(runs: Sequence[SweepRun], sweep_file: Path, extra: Sequence[str], out: Path, name: str) -> list[Path]:
-    """Write ``commands.sh`` (one command per run), ``slurm.sh`` (an array job) and ``wandb_sweep.yaml``."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Write ``recipes/<run>.yaml`` (each run's concrete recipe on top of its base recipes), ``commands.sh`` (one
+    command per run), ``slurm.sh`` (an array job) and ``wandb_sweep.yaml``."""
+    (out / "recipes").mkdir(parents=True, exist_ok=True)
     base = ["lycoflow", "sweep", str(sweep_file.resolve()), *extra]
+    files: list[tuple[Path, str]] = []
     commands = ["#!/bin/sh", f"# {len(runs)} runs of sweep {name}; any line can run anywhere, in any order."]
-    commands += [f"WANDB_RUN_GROUP={shlex.quote(r.config)} lycoflow {shlex.join(r.argv(extra))}" for r in runs]
+    for run in runs:
+        recipe = (out / "recipes" / f"{run.folder.name}.yaml").resolve()
+        header = f"# Run {run.index} of sweep {name}: lycoflow fit {shlex.join([*run.recipes, str(recipe)])}\n"
+        files.append((recipe, header + yaml.safe_dump(run.recipe(extra), sort_keys=False)))
+        commands.append(f"WANDB_RUN_GROUP={shlex.quote(run.config)} lycoflow fit "
+                        f"{shlex.join([*run.recipes, str(recipe)])}")
     slurm = ["#!/bin/bash", f"#SBATCH --job-name=lycoflow-{name}", f"#SBATCH --array=0-{len(runs) - 1}",
              "#SBATCH --gpus=1", "# Add your partition, time and memory lines here.",
              f"{shlex.join(base)} --run=$SLURM_ARRAY_TASK_ID"]
     wandb = {"name": f"lycoflow-{name}", "program": "lycoflow", "method": "grid",
              "parameters": {"run": {"values": list(range(len(runs)))}},
              "command": [*base, "${args}"]}
-    written = []
-    for filename, text in (("commands.sh", "\n".join(commands) + "\n"), ("slurm.sh", "\n".join(slurm) + "\n"),
-                           ("wandb_sweep.yaml", yaml.safe_dump(wandb, sort_keys=False))):
-        path = out / filename
-        tmp = path.with_name(f".{filename}.tmp")
+    files += [(out / "commands.sh", "\n".join(commands) + "\n"), (out / "slurm.sh", "\n".join(slurm) + "\n"),
+              (out / "wandb_sweep.yaml", yaml.safe_dump(wandb, sort_keys=False))]
+    for path, text in files:
+        tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-        written.append(path)
-    return written
+    return [path for path, _ in files[-3:]] + [out / "recipes"]
 
 
 USAGE_EPILOG = """examples:
@@ -172,7 +197,8 @@ USAGE_EPILOG = """examples:
   lycoflow sweep recipes/sweeps/paper.yaml --list                                # the runs and their folders
   lycoflow sweep recipes/sweeps/paper.yaml --run=5 --data.init_args.root=...     # run 5 only (SLURM, W&B agents)
   lycoflow sweep recipes/sweeps/paper.yaml --emit sweep/ --data.init_args.root=...
-      # sweep/commands.sh, sweep/slurm.sh (sbatch it), sweep/wandb_sweep.yaml (wandb sweep it, then wandb agent)
+      # sweep/recipes/<run>.yaml (each run's concrete recipe), sweep/commands.sh (a line per run), sweep/slurm.sh
+      # (sbatch it), sweep/wandb_sweep.yaml (wandb sweep it, then wandb agent)
 
 Other --key=value arguments are passed to every run's `lycoflow fit` (before the variant's own changes).
 A run that finished is skipped when the sweep is started again; an interrupted one resumes from its checkpoint."""
@@ -185,7 +211,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--root", type=Path, help="folder of the runs (default: runs/<name>, or the file's root:)")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
     parser.add_argument("--run", type=int, help="run only this one (0-based index, as --list numbers them)")
-    parser.add_argument("--emit", type=Path, metavar="DIR", help="write commands.sh, slurm.sh, wandb_sweep.yaml")
+    parser.add_argument("--emit", type=Path, metavar="DIR",
+                        help="write recipes/<run>.yaml, commands.sh, slurm.sh, wandb_sweep.yaml")
     options, extra = parser.parse_known_args(argv)
     unknown = [a for a in extra if not a.startswith("--") or "=" not in a]
     if unknown:

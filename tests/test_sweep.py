@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from lycoflow.cli import main
+from lycoflow.lightning_cli import run_lightning
 from lycoflow.sweep import DONE, load_sweep
 
 REPO = Path(__file__).resolve().parent.parent
@@ -36,8 +37,13 @@ def test_emit_writes_commands_a_slurm_array_and_a_wandb_sweep(tmp_path, capsys):
     assert main(["sweep", str(PAPER), "--emit", str(tmp_path), "--data.init_args.root=/d", "--root=/r"]) == 0
     commands = (tmp_path / "commands.sh").read_text().splitlines()
     assert len([c for c in commands if c.startswith("WANDB_RUN_GROUP=")]) == 78
-    assert "WANDB_RUN_GROUP=loha-lr_0.001 lycoflow fit" in commands[2 + 8 * 3 + 6]
-    assert "--trainer.default_root_dir=/r/loha-lr_0.001-seed0" in commands[2 + 8 * 3 + 6]
+    recipe = tmp_path / "recipes" / "loha-lr_0.001-seed0.yaml"
+    assert commands[2 + 8 * 3 + 6] == f"WANDB_RUN_GROUP=loha-lr_0.001 lycoflow fit {REPO / 'recipes' / 'loha.yaml'} " \
+        f"{recipe}"
+    assert yaml.safe_load(recipe.read_text()) == {
+        "data": {"init_args": {"root": "/d"}}, "model": {"lr": 0.001}, "seed_everything": 0,
+        "trainer": {"default_root_dir": "/r/loha-lr_0.001-seed0"}}
+    assert len(list((tmp_path / "recipes").glob("*.yaml"))) == 78
     slurm = (tmp_path / "slurm.sh").read_text()
     assert "#SBATCH --array=0-77" in slurm and "--run=$SLURM_ARRAY_TASK_ID" in slurm
     sweep = yaml.safe_load((tmp_path / "wandb_sweep.yaml").read_text())
@@ -94,3 +100,20 @@ def test_set_applies_to_every_variant_of_a_configuration_and_variants_win(tmp_pa
                                                  "set": ["model.lr"]}]}))
     with pytest.raises(ValueError, match=r"configs\[0\]: `set` must be a \{key: value\} mapping"):
         load_sweep(path)
+
+
+def test_a_runs_concrete_recipe_resolves_to_what_its_command_line_does(tiny, tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({"seeds": [4], "configs": [{
+        "name": "lora", "recipes": [str(REPO / "recipes" / "quickstart.yaml")],
+        "set": {"model.adapter": "lycoris.LoRA", "model.adapter.init_args.dim": 4},
+        "vary": [{"model.lr": 1.0e-3, "data.init_args.flip": True}]}]}))
+    run = load_sweep(path, root=tmp_path / "runs")[1]
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(run.recipe(tiny)))
+    by_flags = run_lightning(run.argv(tiny), run=False)
+    by_recipe = run_lightning(["fit", *run.recipes, str(recipe)], run=False)
+    assert by_flags.parser.dump(by_flags.config) == by_recipe.parser.dump(by_recipe.config)
+    model = by_recipe.model
+    assert type(model.adapter).__name__ == "LoRA" and model.adapter.dim == 4 and model.lr == 1e-3
+    assert by_recipe.datamodule.flip and by_recipe.trainer.default_root_dir == str(run.folder)
