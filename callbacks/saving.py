@@ -6,6 +6,7 @@ Both default to folders under the Trainer's ``default_root_dir`` (the run folder
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -63,7 +64,7 @@ class AdapterExport(L.Callback):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """A resumable Lightning checkpoint (adapters, optimizer, schedulers, loop progress), overwritten as
+    """A resumable Lightning checkpoint (adapters, optimizer, schedulers, loop progress), replaced (atomically) as
     ``<default_root_dir>/checkpoints/last.ckpt`` at the end of every training epoch, so ``--ckpt_path last``
     continues an interrupted run from its last complete epoch. The frozen base model is not in it.
 
@@ -84,6 +85,15 @@ class RunCheckpoint(ModelCheckpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._default_dir(trainer)
         super().setup(trainer, pl_module, stage)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        # Written beside it and renamed: a crash while writing leaves the previous last.ckpt whole, not truncated.
+        tmp = str(Path(filepath).with_name(f".{Path(filepath).name}.tmp"))
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier()
+        self._last_checkpoint_saved = filepath
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         # Called for ckpt_path="last" before setup: the folder must be known by then.

@@ -127,6 +127,31 @@ class Crash(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+class CrashWhileSaving(L.Callback):
+    """From the second epoch on, the checkpoint writer dies halfway through its file, as a killed job would."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            def half_written(checkpoint, path, storage_options=None):
+                Path(path).write_bytes(b"PK\x03\x04 truncated")
+                raise RuntimeError("killed while saving")
+
+            trainer.strategy.checkpoint_io.save_checkpoint = half_written
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny, tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="killed while saving"):
+        fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=3", "--trainer.limit_train_batches=1",
+            "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.callbacks+=test_fit.CrashWhileSaving")
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # epoch 1's, readable
+    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 1
+    resumed = fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=2", "--trainer.limit_train_batches=1",
+                  "--trainer.limit_val_batches=0", "--trainer.logger=false", "--ckpt_path=last")
+    assert resumed.trainer.global_step == 2
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # the stray temporary file is gone
+
+
 @pytest.mark.parametrize("adapter", [
     [],  # the quickstart's LoKr
     # DyLoRA draws a rank per step and dropouts draw masks: from the global RNG, which resuming must not disturb.
