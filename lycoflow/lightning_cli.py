@@ -7,6 +7,7 @@ Kept apart from :mod:`lycoflow.cli` (the dispatcher), which imports this only fo
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,8 +26,14 @@ SUBCOMMANDS = ("fit", "validate")
 
 
 class RecipeSaver(SaveConfigCallback):
-    """Writes the resolved recipe to ``<run folder>/config.yaml``, logs it to W&B, and hands it to the module
-    so that every adapter file carries it."""
+    """Hands the resolved recipe to the module (every adapter file carries it), logs it to W&B, and writes it to
+    ``<run folder>/config.yaml``: atomically, and only once a resumed checkpoint has been accepted, so that a
+    resume with the wrong recipe leaves the run's config.yaml as it was. (Built with ``save_to_log_dir=False``:
+    Lightning would write it at setup, in place.)"""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._written = False
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         pl_module.recipe = self.parser.dump(self.config, skip_none=False)
@@ -35,6 +42,22 @@ class RecipeSaver(SaveConfigCallback):
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         for logger in trainer.loggers:
             logger.log_hyperparams(self.config.as_dict())
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._write(trainer, pl_module)  # `lycoflow validate`; within fit, on_fit_start has written it already
+
+    def _write(self, trainer: Any, pl_module: Any) -> None:
+        path = Path(trainer.default_root_dir) / self.config_filename
+        if not trainer.is_global_zero or self._written:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(pl_module.recipe, encoding="utf-8")
+        os.replace(tmp, path)
+        self._written = True
 
 
 def _integer_seed(seed: int | bool) -> int:
@@ -102,7 +125,7 @@ def run_lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
         run=run,
         seed_everything_default=0,
         save_config_callback=RecipeSaver,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
         trainer_defaults={"logger": {"class_path": "lycoflow.loggers.WandbLogger"}},
         auto_configure_optimizers=False,
         # Parse errors are raised, not printed with the full usage, so `main` can report them in a few lines.

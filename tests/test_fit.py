@@ -152,6 +152,20 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny, tmp_pat
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # the stray temporary file is gone
 
 
+def test_resuming_with_another_adapter_is_refused_and_keeps_the_runs_config(tiny, tmp_path, capsys):
+    run = tmp_path / "run"
+    quick = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
+             "--trainer.callbacks=[{class_path: callbacks.RunCheckpoint}]"]
+    fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=1", *quick)
+    before = (run / "config.yaml").read_text()
+    assert yaml.safe_load(before)["model"]["adapter"]["init_args"]["factor"] == 8
+    assert main(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}",
+                 "--trainer.max_epochs=2", *quick, "--model.adapter.init_args.factor=4", "--ckpt_path=last"]) == 2
+    assert "this checkpoint was written with a different adapter configuration" in capsys.readouterr().err
+    assert (run / "config.yaml").read_text() == before
+    assert not list(run.glob(".*.tmp"))
+
+
 @pytest.mark.parametrize("adapter", [
     [],  # the quickstart's LoKr
     # DyLoRA draws a rank per step and dropouts draw masks: from the global RNG, which resuming must not disturb.
