@@ -6,9 +6,9 @@ product on k×k convs) only when dim < max(out_k, in_n)/2, otherwise full — th
 dim=10000, so both blocks are full and the scale is 1 (what UIs compute when no factor is decomposed).
 With ``decompose_both`` w1 is low-rank too when dim < max(out_l, in_m)/2.
 
-Where it is cheaper (large blocks count: see `_cheaper_by_reshape`), (w1 ⊗ w2)·x runs through reshapes —
-w2 applied as the layer's op to each of the in_m input groups, then mixed by w1 — never building the
-Kronecker product; otherwise the weight is rebuilt once per call.
+Where it is cheaper (see `_cheaper_by_reshape`), (w1 ⊗ w2)·x runs through reshapes — w2 applied as the
+layer's op to each input group and w1 mixing the groups, in the cheaper order — never building the Kronecker
+product; otherwise the weight is rebuilt once per call.
 """
 
 from __future__ import annotations
@@ -20,6 +20,12 @@ from torch import Tensor, nn
 
 from .base import Adapter, Strategy
 from .functional import factorization, in_out, kaiming_, kernel_size, layer_op, rebuild_tucker
+
+#: How many multiply-adds one tensor entry written costs as much time as. Elementwise passes, permutes and
+#: GEMMs with an 8-wide side are memory-bound; 20 reproduces which path wins in per-layer timings (forward and
+#: backward, 2 CPU cores) of the attn-mlp layer shapes of SD 1.5's UNet at 32×32 and 64×64 latents, but for
+#: a few within 20% of each other (320-channel MLP layers at 64×64).
+ENTRY_COST = 20
 
 
 class LoKrAdapter(Adapter):
@@ -89,36 +95,71 @@ class LoKrAdapter(Adapter):
         w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
         return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale
 
+    def _positions(self, x: Tensor) -> tuple[int, int]:
+        """(input, output) positions: tokens for Linear, batch × pixels for convolutions (output ones
+        estimated from the stride)."""
+        if isinstance(self.base, nn.Linear):
+            positions = x.numel() // x.shape[-1]
+            return positions, positions
+        positions = x.numel() // x.shape[1]
+        return positions, max(1, positions // math.prod(self.base.stride))
+
+    def _reshape_costs(self, x: Tensor) -> tuple[int, int]:
+        """Forward cost of (w1 ⊗ w2)·x through reshapes, w1 applied first and w2 applied first.
+
+        Multiply-adds plus ENTRY_COST per activation entry written (the einsum's permuted copies and the final
+        scale and add included). w1 first mixes the input, w2 first the output: the first is cheaper where the
+        layer widens (GEGLU's 320 → 2560), the second where it narrows.
+        """
+        out_l, out_k, in_m, in_n = self.blocks
+        out, inp, kk = out_l * out_k, in_m * in_n, math.prod(self.base.weight.shape[2:])
+        pos_in, pos_out = self._positions(x)
+        w1_first = (pos_in * (out_l * inp + ENTRY_COST * (inp + 2 * out_l * in_n))
+                    + pos_out * (out * in_n * kk + ENTRY_COST * 3 * out))
+        w2_first = pos_out * (inp * out_k * kk + out * in_m + ENTRY_COST * (2 * in_m * out_k + 4 * out))
+        return w1_first, w2_first
+
+    def _cheaper_by_reshape(self, x: Tensor) -> bool:
+        """Whether (w1 ⊗ w2)·x through reshapes costs less than one op with the rebuilt weight.
+
+        Both counted as extra work over the base op, in multiply-adds plus ENTRY_COST per entry written (what
+        the small GEMMs, einsums and elementwise passes are bound by, and what autograd keeps for backward).
+        The weight path writes W0 + ΔW in four passes over out·in·k² entries (Kronecker product, scale,
+        multiplier, sum) and keeps it for backward; with gradients it adds dL/dW (positions·out·in·k²) and five
+        more passes back to w1 and w2. The reshape path costs `_reshape_costs` in its cheaper order, about three
+        times that with gradients. It is linear in the positions, so it wins by far over the few tokens of deep
+        blocks (SD 1.5's 1280-channel layers over 4×4 and 8×8 maps: 3-5× less time, and a 10240×1280 weight
+        kept for backward is 50 MB) and loses over many positions on small blocks (320 channels, 64×64 map).
+        """
+        out_l, out_k, in_m, in_n = self.blocks
+        grad = torch.is_grad_enabled()
+        dense = out_l * out_k * in_m * in_n * math.prod(self.base.weight.shape[2:])
+        weight_path = dense * (ENTRY_COST * (4 + 5 * grad) + grad * self._positions(x)[1])
+        return (1 + 2 * grad) * min(self._reshape_costs(x)) < weight_path
+
     def _kron_forward(self, x: Tensor) -> Tensor:
-        """(w1 ⊗ w2) applied to x without building it: w2 per input group, then w1 across groups."""
+        """(w1 ⊗ w2) applied to x without building it: w2 as the layer's op on each input group of in_n
+        channels, w1 mixing the groups, in the cheaper order (`_reshape_costs`)."""
         out_l, out_k, in_m, in_n = self.blocks
         w1, w2 = self._w1(), self._w2()
         h = x.to(w2.dtype)
+        w1_first, w2_first = self._reshape_costs(h)
         if isinstance(self.base, nn.Linear):
             h = h.unflatten(-1, (in_m, in_n))  # (..., in_m, in_n)
+            if w1_first < w2_first:
+                h = torch.einsum("lm,...mn->...ln", w1, h)  # (..., out_l, in_n)
+                return layer_op(self.base, h, w2, None).flatten(-2)  # (..., out_l, out_k) → (..., out)
             h = layer_op(self.base, h, w2, None)  # (..., in_m, out_k)
-            return (w1 @ h).flatten(-2)  # (..., out_l, out_k) → (..., out)
-        batch, spatial = h.shape[0], h.shape[2:]
-        h = layer_op(self.base, h.reshape(batch * in_m, in_n, *spatial), w2, None)
+            return torch.einsum("lm,...mk->...lk", w1, h).flatten(-2)
+        batch = h.shape[0]
+        if w1_first < w2_first:
+            # Mixing channel groups commutes with a convolution applied to each group (padding included).
+            h = torch.einsum("lm,bm...->bl...", w1, h.unflatten(1, (in_m, in_n)))  # (B, out_l, in_n, *spatial)
+            h = layer_op(self.base, h.flatten(0, 1), w2, None)  # (B·out_l, out_k, *spatial')
+            return h.unflatten(0, (batch, out_l)).flatten(1, 2)
+        h = layer_op(self.base, h.reshape(batch * in_m, in_n, *h.shape[2:]), w2, None)
         h = h.unflatten(0, (batch, in_m))  # (B, in_m, out_k, *spatial')
         return torch.einsum("lm,bm...->bl...", w1, h).flatten(1, 2)
-
-    def _cheaper_by_reshape(self, x: Tensor) -> bool:
-        """Whether (w1 ⊗ w2)·x through reshapes beats one op with the rebuilt weight, counted in FLOPs.
-
-        Extra work over the base op: the weight path builds the product (out·in·k²) and, with gradients,
-        pays dL/dW (positions·out·in·k²); the reshape path costs positions·(in·out_k·k² + out·in_m) forward,
-        about three times that with gradients, but runs as small batched GEMMs and permutes that were
-        measured ~4× less efficient on CPU (benchmarks/adapters.py), hence the factor 4.
-        """
-        out_l, out_k, in_m, in_n = self.blocks
-        kk = math.prod(self.base.weight.shape[2:])
-        positions = x.numel() // x.shape[-1 if isinstance(self.base, nn.Linear) else 1]
-        grad = torch.is_grad_enabled()
-        dense = out_l * out_k * in_m * in_n * kk
-        weight_path = dense * (1 + positions * grad)
-        reshape_path = 4 * (1 + 2 * grad) * positions * (in_m * in_n * out_k * kk + out_l * out_k * in_m)
-        return reshape_path < weight_path
 
     def _forward(self, x: Tensor) -> Tensor:
         needs_weight = self.weight_decompose or (self.training and (self.dropout or self.rank_dropout))
