@@ -16,7 +16,8 @@ import yaml
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lycoflow.data import HierarchicalDataModule
+from lycoflow.data import HierarchicalDataModule, load_rgb, square_crop, to_tensor
+from lycoflow.encodings import module_digest
 from lycoflow.evaluation import (
     Encoders,
     Record,
@@ -34,7 +35,7 @@ from lycoflow.prompts import ALTER_TEMPLATES, STYLE_TEMPLATES, EvalPrompt, Promp
 from .saving import AdapterExport
 
 # Recipe keys that differ between the seeds of one configuration (left out of its config id).
-_SEED_KEYS = (("seed_everything",), ("model", "seed"), ("data", "init_args", "seed"), ("trainer", "default_root_dir"))
+_SEED_KEYS = (("model", "seed"), ("data", "init_args", "seed"), ("trainer", "default_root_dir"))
 
 
 class Evaluation(L.Callback):
@@ -101,6 +102,7 @@ class Evaluation(L.Callback):
         self.seed, self.config_name, self.grid_images, self.dirpath = seed, config_name, grid_images, dirpath
         self._references: dict[str, torch.Tensor] | None = None  # dataset embeddings per class, once per run
         self._announced = False  # which encoders run is said once per run
+        self._base_model: str | None = None  # digest of the frozen base model, once per run
 
     # -- when ---------------------------------------------------------------------------------------------------
     def due(self, trainer: L.Trainer, epoch: int) -> bool:
@@ -178,7 +180,9 @@ class Evaluation(L.Callback):
         encoders = self.encoders(device)
         suite = self.suite(datamodule)
         epoch_folder = folder / "eval" / f"epoch={epoch}"
-        base_folder = folder / "eval" / "base" / sampler_folder(self.sampler)
+        if self._base_model is None:  # base images belong to this base model (weights and dtype) and sampler
+            self._base_model = module_digest(parts.unet, module_digest(parts.text_encoder), module_digest(parts.vae))
+        base_folder = folder / "eval" / "base" / sampler_folder(self.sampler, self._base_model)
         rank_zero_info(f"evaluation at epoch {epoch}: {len(suite)} images ({len(self.prompt_types)} prompt types × "
                        f"{len(datamodule.concepts)} classes × {self.images}) into {epoch_folder}")
         records, rate = measure_shard(parts, networks, suite, range(rank, len(suite), world), self.sampler,
@@ -203,15 +207,15 @@ class Evaluation(L.Callback):
 
     def references(self, datamodule: HierarchicalDataModule, encoder: ImageEmbedder, device: torch.device
                    ) -> dict[str, torch.Tensor]:
-        """The class's dataset images (centre crops at the training resolution) embedded, per class key."""
-        dataset = datamodule.dataset
-        assert dataset is not None, "the data module is set up before training"
+        """The class's dataset images embedded, per class key: square centre crops at the sampler's resolution,
+        like the generated images (whatever bucket the image trains in)."""
+        size = self.sampler.resolution
         out = {}
         for c, concept in enumerate(datamodule.concepts):
-            members = [i for i, s in enumerate(datamodule.samples) if s.concept == c]
+            paths = [s.path for s in datamodule.samples if s.concept == c]
             out[concept.key] = reference_embeddings(
-                encoder, lambda j, members=members: (dataset.pixels(members[j]) + 1) / 2, len(members),
-                self.sampler.batch_size, device)
+                encoder, lambda j, paths=paths: (to_tensor(square_crop(load_rgb(paths[j]), size)) + 1) / 2,
+                len(paths), self.sampler.batch_size, device)
         return out
 
     # -- where it goes ------------------------------------------------------------------------------------------
@@ -235,8 +239,10 @@ class Evaluation(L.Callback):
 
 
 def parts_of(module: Any) -> Parts:
-    """The sampling parts of a `DiffusionFinetune` (its adapters are attached to them)."""
-    return Parts(module.unet, module.vae, module.text_encoder, module.tokenizer, dict(module.noise_scheduler.config))
+    """The sampling parts of a `DiffusionFinetune` (its adapters are attached to them), sampled with the
+    prediction type it trains (``model.prediction_type`` may override the base model's)."""
+    schedule = {**module.noise_scheduler.config, "prediction_type": module.prediction_type}
+    return Parts(module.unet, module.vae, module.text_encoder, module.tokenizer, schedule)
 
 
 def gather(records: list[Record], world: int) -> list[Record]:
@@ -252,7 +258,8 @@ def config_id(recipe: str | None) -> str:
     """A short digest of the resolved recipe without its seeds and run folder: one id per configuration."""
     if not recipe:
         return "unnamed"
-    config = yaml.safe_load(recipe) or {}
+    # Only what is built counts: fit's own options (ckpt_path on a resume, ...) do not change the configuration.
+    config = {k: v for k, v in (yaml.safe_load(recipe) or {}).items() if k in ("model", "data", "trainer")}
     for path in _SEED_KEYS:
         node = config
         for key in path[:-1]:

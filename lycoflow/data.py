@@ -902,8 +902,17 @@ class HierarchicalDataModule(L.LightningDataModule):
         return self._loader(sampler=self.sampler)
 
     def val_dataloader(self) -> DataLoader:
-        """Every image once, in scan order, centre-cropped, unflipped, with its full caption."""
+        """Every image once, in scan order, centre-cropped, unflipped, with its full caption (with bucketing:
+        batches of one bucket each, in bucket order)."""
         self._fill_caches()
+        if self._ready().buckets:
+            by_bucket: dict[Bucket, list[int]] = {}
+            for i, bucket in enumerate(self.buckets):
+                by_bucket.setdefault(bucket, []).append(i)
+            batches = [group[i:i + self.batch_size] for _, group in sorted(by_bucket.items())
+                       for i in range(0, len(group), self.batch_size)]
+            # Whole batches as the sampler's items, as for training: under DDP each rank takes whole batches.
+            return self._loader(sampler=batches, batch_size=None)
         return self._loader(shuffle=False)
 
     def cache_encodings(self, encoders: Encoders, rank: int = 0, world_size: int = 1,

@@ -85,9 +85,10 @@ def base_image_path(folder: Path, prompt: EvalPrompt) -> Path:
     return folder / prompt.prompt_type / prompt.key / f"{prompt.index:04d}-{tag}.png"
 
 
-def sampler_folder(sampler: Sampler) -> str:
-    """Base images depend on the sampler's settings: one folder per setting."""
-    return hashlib.sha256(json.dumps(sampler.describe(), sort_keys=True).encode()).hexdigest()[:12]
+def sampler_folder(sampler: Sampler, base_model: str) -> str:
+    """Base images depend on the base model (a digest of its weights) and the sampler's settings: one folder per
+    pair, so a reused run folder never takes another model's images for this one's."""
+    return hashlib.sha256(json.dumps([base_model, sampler.describe()], sort_keys=True).encode()).hexdigest()[:12]
 
 
 @contextmanager

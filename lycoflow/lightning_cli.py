@@ -26,10 +26,10 @@ SUBCOMMANDS = ("fit", "validate")
 
 
 class RecipeSaver(SaveConfigCallback):
-    """Hands the resolved recipe to the module (every adapter file carries it), logs it to W&B, and writes it to
-    ``<run folder>/config.yaml``: atomically, and only once a resumed checkpoint has been accepted, so that a
-    resume with the wrong recipe leaves the run's config.yaml as it was. (Built with ``save_to_log_dir=False``:
-    Lightning would write it at setup, in place.)"""
+    """Hands the resolved recipe to the module (every adapter file carries it), logs it to W&B, and, for fit,
+    writes it to ``<run folder>/config.yaml``: atomically, and only once a resumed checkpoint has been accepted,
+    so that a resume with the wrong recipe leaves the run's config.yaml as it was. (Built with
+    ``save_to_log_dir=False``: Lightning would write it at setup, in place.)"""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -44,12 +44,7 @@ class RecipeSaver(SaveConfigCallback):
             logger.log_hyperparams(self.config.as_dict())
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self._write(trainer, pl_module)
-
-    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        self._write(trainer, pl_module)  # `lycoflow validate`; within fit, on_fit_start has written it already
-
-    def _write(self, trainer: Any, pl_module: Any) -> None:
+        # Only fit writes it: `lycoflow validate` of a run's checkpoint must not replace the recipe that trained it.
         path = Path(trainer.default_root_dir) / self.config_filename
         if not trainer.is_global_zero or self._written:
             return
@@ -159,8 +154,11 @@ def evaluate(argv: list[str]) -> Path:
             metadata = f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for a file that is not safetensors
         raise ValueError(f"{adapter} is not a readable .safetensors file ({err})") from None
+    # By default the file's run folder (its epoch's rows and images are this evaluation's), unless another
+    # multiplier makes it a different evaluation, which then gets a folder of its own beside the file.
+    in_run = adapter.parent.name == "adapters" and options.multiplier == 1.0
     out = Path(options.out) if options.out else (
-        adapter.parent.parent if adapter.parent.name == "adapters" else adapter.parent / f"eval-{adapter.stem}")
+        adapter.parent.parent if in_run else adapter.parent / f"eval-{adapter.stem}-x{options.multiplier:g}")
     recipes = [a for a in rest if not a.startswith("-")]
     overrides = [a for a in rest if a.startswith("-")]
     if not recipes and "lycoflow_recipe" not in metadata:
@@ -194,7 +192,7 @@ def evaluate(argv: list[str]) -> Path:
         rows, images = evaluation.evaluate(
             callbacks.evaluation.parts_of(model), list(networks.values()), data, out,
             epoch=int(metadata.get("ss_epoch", 0)), step=int(metadata.get("ss_steps", 0)),
-            run=metadata.get("ss_output_name", out.resolve().name),
+            run=out.resolve().name,  # as the Evaluation callback names a run: by its folder
             config=evaluation.config_name or callbacks.evaluation.config_id(recipe),
             seed=int(metadata.get("ss_seed", 0)))
     evaluation.log_results(trainer, rows, images)

@@ -435,6 +435,16 @@ def test_bucket_batches_are_one_size_within_bounds_and_keep_the_aspect(tmp_path,
                for w, h in sd)
 
 
+def test_bucketed_validation_batches_hold_one_bucket_and_every_image_once(tmp_path):
+    dm, _ = bucketed_batches(tmp_path)
+    batches = list(dm.val_dataloader())
+    assert sorted(p for b in batches for p in b["path"]) == sorted(str(s.path) for s in dm.samples)
+    for batch in batches:
+        _, _, h, w = batch["pixel_values"].shape
+        assert all(dm.buckets[[str(s.path) for s in dm.samples].index(p)] == (w, h) for p in batch["path"])
+    assert len({tuple(b["pixel_values"].shape[2:]) for b in batches}) >= 3
+
+
 def test_bucketing_keeps_exposures_and_is_deterministic(tmp_path):
     root = make_shaped_tree(tmp_path, {"a/land": 5, "a/port": 2, "b/square": 3, "b/wide": 1})
     plain = module(root, resolution=4)

@@ -104,9 +104,9 @@ def test_untrained_adapter_has_zero_style_loss_and_is_deterministic(fitted, tiny
     assert results[0] == results[1]
 
 
-def test_config_id_ignores_seeds_and_run_folder():
+def test_config_id_ignores_seeds_run_folder_and_fits_own_options():
     a = "seed_everything: 1\nmodel:\n  seed: 1\n  lr: 0.1\ntrainer:\n  default_root_dir: runs/a\n"
-    b = "seed_everything: 2\nmodel:\n  seed: 2\n  lr: 0.1\ntrainer:\n  default_root_dir: runs/b\n"
+    b = "seed_everything: 2\nmodel:\n  seed: 2\n  lr: 0.1\ntrainer:\n  default_root_dir: runs/b\nckpt_path: last\n"
     c = "seed_everything: 1\nmodel:\n  seed: 1\n  lr: 0.2\ntrainer:\n  default_root_dir: runs/a\n"
     assert config_id(a) == config_id(b) != config_id(c)
 
@@ -123,8 +123,10 @@ def test_lycoflow_evaluate_reproduces_the_evaluation_of_training(tiny, tmp_path)
                  "--out", str(tmp_path / "again"), "--trainer.logger=lycoflow.loggers.WandbLogger"]) == 0
     after = read_rows(tmp_path / "again" / "metrics.csv")
     assert len(after) == len(during) > 0
+    assert {r["run"] for r in during} == {"run"} and {r["run"] for r in after} == {"again"}  # named by folder
     for a, b in zip(during, after):
-        assert {k: v for k, v in a.items() if k != "value"} == {k: v for k, v in b.items() if k != "value"}
+        assert {k: v for k, v in a.items() if k not in ("run", "value")} == \
+            {k: v for k, v in b.items() if k not in ("run", "value")}
         # The file holds float16 weights; training evaluated float32 ones.
         assert float(a["value"]) == pytest.approx(float(b["value"]), abs=2e-3, rel=1e-2), a
     assert list((tmp_path / "again" / "wandb").glob("offline-run-*"))
@@ -141,3 +143,30 @@ def test_lycoflow_evaluate_errors_name_the_file(tmp_path, capsys):
     assert "adapter file not found" in capsys.readouterr().err
     assert main(["evaluate"]) == 2
     assert "name the adapter file" in capsys.readouterr().err
+
+
+def test_references_of_bucketed_data_are_square_crops_and_sampling_uses_the_trained_prediction_type(
+        tiny_sd_folder, synthetic_root):
+    data = SyntheticConcepts(root=str(synthetic_root), resolution=128, batch_size=8, bucketing=True,
+                             min_bucket_resolution=64, max_bucket_resolution=256, bucket_step=32)
+    data.setup("fit")
+    assert len(set(data.buckets)) >= 3
+    callback = evaluation()
+    references = callback.references(data, TinyDINOv2(), torch.device("cpu"))
+    assert {key: len(r) for key, r in references.items()} == {c.key: len(c.images) for c in data.concepts}
+    model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4),
+                              prediction_type="v_prediction")
+    assert model.noise_scheduler.config.prediction_type == "epsilon"  # the base model's
+    assert parts_of(model).scheduler_config["prediction_type"] == "v_prediction"
+
+
+def test_validate_leaves_the_runs_config_alone(tiny, tmp_path):
+    run = tmp_path / "run"
+    quick = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.logger=false",
+             "--trainer.callbacks=[{class_path: callbacks.RunCheckpoint}]"]
+    run_lightning(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}",
+                   "--trainer.max_epochs=1", *quick])
+    before = (run / "config.yaml").read_text()
+    assert main(["validate", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}", *quick,
+                 "--data.init_args.caption_dropout=0.5", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]) == 0
+    assert (run / "config.yaml").read_text() == before
