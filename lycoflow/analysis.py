@@ -42,7 +42,6 @@ import importlib
 import io
 import itertools
 import math
-import os
 import re
 import sys
 from collections import Counter
@@ -54,6 +53,8 @@ from typing import Any
 
 import numpy as np
 import yaml
+
+from .cache import atomic_path
 
 METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "config.yaml"
@@ -406,9 +407,8 @@ def ranking(table: dict[tuple[str, int, str, str, str], Fraction], configs: dict
 # -- writing ------------------------------------------------------------------------------------------------------
 def _write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _write_csv(path: Path, header: Sequence[str], lines: Iterable[Sequence[object]]) -> None:

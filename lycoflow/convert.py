@@ -19,7 +19,6 @@ a parameter with no place in the layout raises instead of being dropped.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +26,8 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 from torch import Tensor
 from transformers import CLIPTextModel
+
+from .cache import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -179,13 +180,6 @@ def save_single_file(path: str | os.PathLike, unet: UNet2DConditionModel, vae: A
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
         state[key] = tensor.contiguous()  # safetensors refuses strided views (e.g. a transposed parameter)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A reader (or a crash) never sees half a file: write beside the target, then rename over it.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": "pt"})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
     return path

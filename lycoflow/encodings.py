@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,6 +30,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
+
+from .cache import atomic_path
 
 # Part of every key: bump it when what an entry holds, or how its input is prepared, changes.
 FORMAT = "lycoflow-encodings-1"
@@ -109,11 +110,8 @@ class EncodingCache:
 
     def write(self, kind: str, key: str, tensor: Tensor, metadata: dict[str, str]) -> None:
         """Atomically (temporary file + rename): a crash never leaves a truncated entry under a valid key."""
-        path = self.path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({kind: tensor.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(self.path(kind, key)) as tmp:
+            save_file({kind: tensor.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
 
     def read(self, kind: str, key: str) -> Tensor:
         path = self.path(kind, key)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 from lycoris import Network
 
+from .cache import atomic_path
 from .generation import Parts, Sampler, generate
 from .metrics import functional as F
 from .metrics.encoders import ImageEmbedder, StyleFeatures, TextImageEmbedder
@@ -68,10 +68,8 @@ def load_png(path: Path) -> Tensor:
 
 def save_png(image: Tensor, path: Path) -> None:
     """Atomically: a crash never leaves a truncated image that a later run would take for a finished one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    to_pil(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        to_pil(image).save(tmp, format="PNG")
 
 
 def image_path(folder: Path, prompt: EvalPrompt) -> Path:
@@ -226,11 +224,8 @@ def write_metrics(path: Path, rows: Sequence[dict[str, object]]) -> None:
         with open(path, newline="", encoding="utf-8") as f:
             done = {(str(r["run"]), str(r["epoch"])) for r in rows}
             kept = [r for r in csv.DictReader(f) if (r["run"], r["epoch"]) not in done]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(kept)
         writer.writerows(rows)
-    os.replace(tmp, path)

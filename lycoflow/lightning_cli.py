@@ -7,7 +7,6 @@ Kept apart from :mod:`lycoflow.cli` (the dispatcher), which imports this only fo
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 import callbacks
 import lycoris
 
+from .cache import atomic_path
 from .loggers import WandbLogger
 
 #: The commands LycoflowCLI runs (the dispatcher's table of them is in lycoflow.cli).
@@ -48,10 +48,8 @@ class RecipeSaver(SaveConfigCallback):
         path = Path(trainer.default_root_dir) / self.config_filename
         if not trainer.is_global_zero or self._written:
             return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(pl_module.recipe, encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(pl_module.recipe, encoding="utf-8")
         self._written = True
 
 

@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from .cache import atomic_path
+
 #: Written into a run folder when its `fit` exits cleanly; a later sweep skips that run.
 DONE = ".sweep-done"
 
@@ -186,9 +188,8 @@ def emit(runs: Sequence[SweepRun], sweep_file: Path, extra: Sequence[str], out: 
     files += [(out / "commands.sh", "\n".join(commands) + "\n"), (out / "slurm.sh", "\n".join(slurm) + "\n"),
               (out / "wandb_sweep.yaml", yaml.safe_dump(wandb, sort_keys=False))]
     for path, text in files:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
     return [path for path, _ in files[-3:]] + [out / "recipes"]
 
 

@@ -38,6 +38,7 @@ from lycoris.functional import kernel_size
 from lycoris.targeting import lycoris_name, matches, supported_layers
 
 from . import __version__
+from .cache import atomic_path
 from .convert import save_single_file
 from .evaluation import save_png
 from .generation import Parts, Sampler
@@ -117,13 +118,8 @@ def _default_device() -> str:
 
 def _write_atomic(path: Path, text: str) -> None:
     """Write beside the target, then rename: a reader (or a crash) never sees half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 # -- generate -------------------------------------------------------------------------------------------

@@ -363,7 +363,7 @@ def test_ddp_sync_equals_single_process(tmp_path):
     expected["image_similarity_one_sided"] = expected["image_similarity"]
     expected["vendi_one_sided"] = expected["vendi"]
     for rank in range(2):
-        values = torch.load(tmp_path / f"rank{rank}.pt")
+        values = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert values.pop("local_count") == 6
         assert values.keys() == expected.keys()
         for name, value in values.items():
