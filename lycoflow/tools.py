@@ -63,6 +63,14 @@ def _parser(name: str, description: str, examples: str) -> _Parser:
                    formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def _add_base_and_adapters(parser: argparse.ArgumentParser, several: str) -> None:
+    """``--base`` and the repeatable ``--adapter FILE[:WEIGHT]`` of generate and merge."""
+    parser.add_argument("--base", required=True, metavar="PATH_OR_HUB_ID",
+                        help="base model: Hub id, diffusers folder or single-file .safetensors checkpoint")
+    parser.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
+                        help=f"adapter file and its weight (default 1); {several}")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="DIR_OR_HUB_ID",
                         help="for a single-file model: the diffusers folder or Hub id of the same architecture whose "
@@ -249,10 +257,7 @@ def main_generate(argv: list[str]) -> int:
     """``lycoflow generate``: images from a base model with adapter files applied."""
     parser = _parser("generate", "Generate images from a base model with LyCORIS/LoRA adapter files applied.",
                      GENERATE_EXAMPLES)
-    parser.add_argument("--base", required=True, metavar="PATH_OR_HUB_ID",
-                        help="base model: Hub id, diffusers folder or single-file .safetensors checkpoint")
-    parser.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
-                        help="adapter file and its weight (default 1); repeat to stack several")
+    _add_base_and_adapters(parser, "repeat to stack several")
     parser.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for more")
     parser.add_argument("--prompts", metavar="FILE", help="a text file of prompts, one per line (instead of --prompt)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the first image (default 0)")
@@ -385,10 +390,7 @@ def main_merge(argv: list[str]) -> int:
     """``lycoflow merge``: bake adapter files into a base model."""
     parser = _parser("merge", "Bake LyCORIS/LoRA adapter files into a base model and save the merged model.",
                      MERGE_EXAMPLES)
-    parser.add_argument("--base", required=True, metavar="PATH_OR_HUB_ID",
-                        help="base model: Hub id, diffusers folder or single-file .safetensors checkpoint")
-    parser.add_argument("--adapter", action="append", default=[], metavar="FILE[:WEIGHT]",
-                        help="adapter file and its weight (default 1); repeat to bake several, in order")
+    _add_base_and_adapters(parser, "repeat to bake several, in order")
     parser.add_argument("--out-diffusers", metavar="DIR", help="write a diffusers folder (a new folder)")
     parser.add_argument("--out-file", metavar="FILE.safetensors",
                         help="write one SD 1.x single-file checkpoint (A1111, ComfyUI)")
