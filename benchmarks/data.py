@@ -41,7 +41,7 @@ import train_step  # noqa: E402
 
 from lycoflow.cache import cache_dir  # noqa: E402
 from lycoflow.data import HierarchicalDataModule  # noqa: E402
-from lycoflow.synthetic import CONCEPTS, render  # noqa: E402
+from lycoflow.data.synthetic import CONCEPTS, render  # noqa: E402
 
 BATCH = 8
 
@@ -65,11 +65,11 @@ def generated_set(images: int) -> Path:
 
 
 def vae_encoders(kind: str, device: str) -> Any:
-    """An object with the data module's Encoders methods for latents, around TinySD's or SD 1.5's VAE."""
+    """An object with the latent methods of the data module's EncodingModel, around TinySD's or SD 1.5's VAE."""
     from diffusers import AutoencoderKL
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-    from lycoflow.encodings import module_digest
+    from lycoflow.data.encodings import module_digest
     from lycoflow.tiny import tiny_vae
 
     torch.manual_seed(0)
@@ -79,7 +79,7 @@ def vae_encoders(kind: str, device: str) -> Any:
         block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)
     vae = vae.to(device).eval().requires_grad_(False)
 
-    class Encoders:
+    class EncodingModel:
         def latent_identity(self) -> str:
             return module_digest(vae, dict(vae.config))
 
@@ -90,7 +90,7 @@ def vae_encoders(kind: str, device: str) -> Any:
         def sample(self, parameters: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             return DiagonalGaussianDistribution(parameters.to(device)).sample(generator)
 
-    return Encoders()
+    return EncodingModel()
 
 
 def time_epoch(dm: HierarchicalDataModule, latents: Any, device: str) -> tuple[float, int]:

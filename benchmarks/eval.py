@@ -1,7 +1,7 @@
 """Evaluation cost: generation images/s, metric throughput, and the share of a checkpoint's evaluation spent outside
 generation.
 
-- ``checkpoint``: ``callbacks.Evaluation.evaluate`` as the callback runs it at a saved epoch, on the quickstart's
+- ``checkpoint``: ``Evaluator.evaluate`` as the Evaluation callback runs it at a saved epoch, on the quickstart's
   tiny model (LoKr attached) and data set (7 classes), with the tiny untrained encoders: ``--images`` per class
   and prompt type (train, trigger, alter, style), ``--steps`` DDIM steps with CFG 7 at ``--resolution``, batches
   of ``--batch-size``. Timed: the whole call, and inside it the generation (the sampling loop and writing the
@@ -30,24 +30,29 @@ from typing import Any
 
 import torch
 
-import callbacks
-import lycoflow.evaluation as evaluation
 import lycoris
-from callbacks.evaluation import parts_of
-from lycoflow.generation import Sampler
-from lycoflow.metrics import functional as F
+from lycoflow.data import SyntheticConcepts
+from lycoflow.evaluation import Evaluator, measuring
+from lycoflow.evaluation.sampling import Sampler
 from lycoflow.metrics.encoders import TinyCLIP, TinyDINOv2, TinyVGG19
+from lycoflow.metrics.functional import (
+    image_similarity,
+    squared_centroid_distance,
+    style_loss,
+    text_image_similarity,
+    vendi_score,
+)
 from lycoflow.module import DiffusionFinetune
-from lycoflow.synthetic import SyntheticConcepts
 from lycoflow.tiny import TinySD
 
 
 class GenerationTimer:
-    """Wraps ``lycoflow.evaluation.generate_images`` (what ``measure_shard`` calls) and adds up its time."""
+    """Wraps ``lycoflow.evaluation.measuring.generate_images`` (what ``measure_shard`` calls) and adds up its
+    time."""
 
     def __init__(self) -> None:
         self.seconds, self.images = 0.0, 0
-        self.original = evaluation.generate_images
+        self.original = measuring.generate_images
 
     def __call__(self, parts: Any, prompts: Any, sampler: Any, paths: Any, *args: Any) -> float:
         start = time.perf_counter()
@@ -64,11 +69,11 @@ def measure_checkpoint(images: int, steps: int, resolution: int, batch_size: int
     with contextlib.redirect_stdout(io.StringIO()):
         data = SyntheticConcepts(resolution=64, batch_size=8)
         data.setup("fit")
-    callback = callbacks.Evaluation(
+    evaluator = Evaluator(
         images=images, sampler=Sampler(steps=steps, resolution=resolution, batch_size=batch_size),
         image_encoder=TinyDINOv2(), text_image_encoder=TinyCLIP(), style_encoder=TinyVGG19())
     timer = GenerationTimer()
-    evaluation.generate_images = timer
+    measuring.generate_images = timer
     results = []
     try:
         with tempfile.TemporaryDirectory(prefix="lycoflow-bench-") as tmp:
@@ -76,15 +81,15 @@ def measure_checkpoint(images: int, steps: int, resolution: int, batch_size: int
                 timer.seconds, timer.images = 0.0, 0
                 start = time.perf_counter()
                 with contextlib.redirect_stderr(io.StringIO()):  # progress bars and the untrained-encoder note
-                    rows, _ = callback.evaluate(parts_of(model), list(model.networks.values()), data, Path(tmp),
+                    result = evaluator.evaluate(model.components, list(model.networks.values()), data, Path(tmp),
                                                 epoch=epoch, step=epoch, run="bench", config="bench", seed=0)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 total = time.perf_counter() - start
                 results.append({"epoch": epoch, "total_s": total, "generation_s": timer.seconds,
-                                "generated": timer.images, "values": len(rows)})
+                                "generated": timer.images, "values": len(result.rows)})
     finally:
-        evaluation.generate_images = timer.original
+        measuring.generate_images = timer.original
     return results
 
 
@@ -117,11 +122,11 @@ def measure_metrics(device: str) -> dict[str, float]:
              for _ in range(2)]
     prompts = torch.arange(100, device=device) % 10
     cases = {
-        "image_similarity (100 vs 100)": lambda: F.image_similarity(generated, reference),
-        "squared_centroid_distance": lambda: F.squared_centroid_distance(generated, reference),
-        "text_image_similarity (100 pairs)": lambda: F.text_image_similarity(image_clip, text),
-        "vendi_score (10 prompts × 10)": lambda: [F.vendi_score(generated[prompts == p]) for p in range(10)],
-        "style_loss (100 pairs of VGG19 Grams)": lambda: F.style_loss(*grams),
+        "image_similarity (100 vs 100)": lambda: image_similarity(generated, reference),
+        "squared_centroid_distance": lambda: squared_centroid_distance(generated, reference),
+        "text_image_similarity (100 pairs)": lambda: text_image_similarity(image_clip, text),
+        "vendi_score (10 prompts × 10)": lambda: [vendi_score(generated[prompts == p]) for p in range(10)],
+        "style_loss (100 pairs of VGG19 Grams)": lambda: style_loss(*grams),
     }
     return {name: 1 / time_per_call(fn) for name, fn in cases.items()}
 

@@ -127,9 +127,10 @@ def main(argv: list[str] | None = None) -> int:
 
             return analyze(argv[1:])
         elif argv[0] in ("generate", "merge", "extract"):
-            from . import tools
+            from importlib import import_module
 
-            return getattr(tools, f"main_{argv[0]}")(argv[1:])
+            # One module per tool (lycoflow.tools.generate, ...), each with its main(argv).
+            return import_module(f"{__package__}.tools.{argv[0]}").main(argv[1:])
         else:
             from .lightning_cli import run_lightning
 

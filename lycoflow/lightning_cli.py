@@ -15,7 +15,6 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-import callbacks
 import lycoris
 
 from .cache import atomic_path
@@ -136,6 +135,8 @@ def evaluate(argv: list[str]) -> Path:
     import torch
     from safetensors import safe_open
 
+    from .evaluation import Evaluator
+
     parser = argparse.ArgumentParser(prog="lycoflow evaluate", add_help=False, exit_on_error=False)
     parser.add_argument("--adapter")
     parser.add_argument("--out")
@@ -174,12 +175,18 @@ def evaluate(argv: list[str]) -> Path:
         cli = run_lightning(["fit", *map(str, files), *overrides, f"--trainer.default_root_dir={out}"], run=False)
     cli._bind_run_folder()  # W&B into --out, named after it (what before_fit does for fit)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    found = [c for c in trainer.callbacks if isinstance(c, callbacks.Evaluation)]
-    evaluation = found[0] if found else callbacks.Evaluation()
+    # The recipe's evaluation settings: those of its evaluation callback (the one holding an Evaluator), else the
+    # paper's.
+    found = [c.evaluator for c in trainer.callbacks if isinstance(getattr(c, "evaluator", None), Evaluator)]
+    evaluator = found[0] if found else Evaluator()
     for network in model.networks.values():  # the file brings its own adapters, whatever algorithm they are
         network.remove()
-    networks = lycoris.load_file(adapter, {"lora_unet": model.unet, "lora_te": model.text_encoder},
-                                 multiplier=options.multiplier)
+    # The recipe's algorithm may be a user's: its adapter class reads the file, tried before the built-in ones
+    # (which could claim its keys too); a user's strategy that names no adapter class has the built-in ones only.
+    own = getattr(model.adapter, "adapter_class", None)
+    algorithms = lycoris.ALGORITHMS if own is None or own in lycoris.ALGORITHMS else (own, *lycoris.ALGORITHMS)
+    networks = lycoris.load_file(adapter, model.components.adaptable(), multiplier=options.multiplier,
+                                 algorithms=algorithms)
     model.to(options.device).eval()
     for network in networks.values():
         network.to(options.device)
@@ -187,13 +194,12 @@ def evaluate(argv: list[str]) -> Path:
     data.setup("fit")
     recipe = metadata.get("lycoflow_recipe") or texts[0]
     with torch.no_grad(), trainer.precision_plugin.forward_context():
-        rows, images = evaluation.evaluate(
-            callbacks.evaluation.parts_of(model), list(networks.values()), data, out,
+        result = evaluator.evaluate(
+            model.components, list(networks.values()), data, out,
             epoch=int(metadata.get("ss_epoch", 0)), step=int(metadata.get("ss_steps", 0)),
             run=out.resolve().name,  # as the Evaluation callback names a run: by its folder
-            config=evaluation.config_name or callbacks.evaluation.config_id(recipe),
-            seed=int(metadata.get("ss_seed", 0)))
-    evaluation.log_results(trainer, rows, images)
+            config=evaluator.config_of(recipe), seed=int(metadata.get("ss_seed", 0)))
+    result.log(trainer.loggers)
     for logger in trainer.loggers:
         logger.finalize("success")
     return out

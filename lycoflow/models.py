@@ -2,16 +2,21 @@
 local diffusers folder, or a single-file checkpoint — all through diffusers' own loaders.
 
 A recipe names a source by import path (``lycoflow.models.Pretrained``, ``lycoflow.tiny.TinySD``, or a
-user's own `BaseModel` subclass); `load` returns the parts the training module needs.
+user's own `BaseModel` subclass); `load` returns the `Components`: the one type for a Stable Diffusion model's
+parts that training, sampling, evaluation and the tools share.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
+from torch import Tensor, nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
 #: Checkpoint suffixes that are Python pickles: loading one can run arbitrary code.
@@ -20,19 +25,50 @@ SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether ``name`` reads as a Hugging Face Hub id (``owner/name``) rather than a local path."""
+    return bool(_HUB_ID.match(name)) and not name.startswith((".", "/", "~"))
+
+
+#: Storage dtypes of frozen weights and adapter files, by the name recipes and command lines use.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DType = Literal["float32", "bfloat16", "float16"]
+
+#: File-key prefixes of the two adapted parts (kohya's and the UIs' names): adapter files, networks and the
+#: optimizer's groups are keyed by them.
+UNET_PREFIX, TEXT_ENCODER_PREFIX = "lora_unet", "lora_te"
+
+
+def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    # diffusers warns on every .to(dtype), even a no-op one.
+    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+
+
 class BaseModelError(Exception):
     """The base model cannot be found or read; the message says which and how to fix it."""
 
 
 @dataclass
 class Components:
-    """The parts of a Stable Diffusion model that training uses."""
+    """The parts of a Stable Diffusion model: what training, sampling and the tools use. ``scheduler`` holds the
+    noise schedule (and the prediction type) that samplers are built from."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
+
+    def encode_text(self, texts: Sequence[str]) -> Tensor:
+        """The text encoder's hidden states of ``texts``, padded/truncated to its context (77 tokens for CLIP)."""
+        length = self.text_encoder.config.max_position_embeddings
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
+                             return_tensors="pt").input_ids.to(next(self.text_encoder.parameters()).device)
+        return self.text_encoder(ids)[0]
+
+    def adaptable(self) -> dict[str, nn.Module]:
+        """The parts adapters attach to, by file-key prefix (what `lycoris.load_file` and `merge_into` take)."""
+        return {UNET_PREFIX: self.unet, TEXT_ENCODER_PREFIX: self.text_encoder}
 
     @property
     def version(self) -> str:
@@ -93,7 +129,7 @@ class Pretrained(BaseModel):
             if not local.is_file():
                 raise BaseModelError(f"base model checkpoint not found: {local}")
             return self._from_single_file(local)
-        if not _HUB_ID.match(self.path) or self.path.startswith((".", "/", "~")):
+        if not is_hub_id(self.path):
             raise BaseModelError(
                 f"base model not found: {self.path!r} is neither an existing folder or checkpoint file nor a "
                 "Hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5'"

@@ -10,7 +10,6 @@ scheduler says so; optional min-SNR-γ weighting and noise offset. Caption dropo
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,16 +28,8 @@ from torch import Tensor, nn
 import lycoris
 
 from . import __version__
-from .encodings import module_digest
-from .models import BaseModel
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DType = Literal["float32", "bfloat16", "float16"]
-
-
-def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    # diffusers warns on every .to(dtype), even a no-op one.
-    return module if next(module.parameters()).dtype == dtype else module.to(dtype)
+from .data.encodings import module_digest
+from .models import DTYPES, TEXT_ENCODER_PREFIX, UNET_PREFIX, BaseModel, Components, DType, cast_frozen
 
 
 class DiffusionFinetune(L.LightningModule):
@@ -93,8 +84,9 @@ class DiffusionFinetune(L.LightningModule):
         self.base_source, self.adapter = base, adapter
         self.base_version = parts.version
         self.tokenizer = parts.tokenizer
-        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
-        self.prediction_type = prediction_type or self.noise_scheduler.config.prediction_type
+        self.prediction_type = prediction_type or parts.scheduler.config.prediction_type
+        # The schedule carries the prediction type trained, which samplers built from it then use.
+        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config, prediction_type=self.prediction_type)
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"the base model's scheduler predicts {self.prediction_type!r}; lycoflow trains "
                              "'epsilon' or 'v_prediction' models (set model.prediction_type to override)")
@@ -107,9 +99,10 @@ class DiffusionFinetune(L.LightningModule):
         self.text_encoder = cast_frozen(parts.text_encoder.requires_grad_(False).train(), DTYPES[weight_dtype])
         self.unet.set_attn_processor(AttnProcessor2_0())  # torch's scaled_dot_product_attention (flash/mem-eff)
 
-        networks = {"lora_unet": adapter.apply(self.unet, prefix="lora_unet")}
+        networks = {UNET_PREFIX: adapter.apply(self.unet, prefix=UNET_PREFIX)}
         if train_text_encoder:
-            networks["lora_te"] = (text_encoder_adapter or adapter).apply(self.text_encoder, prefix="lora_te")
+            networks[TEXT_ENCODER_PREFIX] = (text_encoder_adapter or adapter).apply(self.text_encoder,
+                                                                                    prefix=TEXT_ENCODER_PREFIX)
         self.networks = nn.ModuleDict(networks)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -145,11 +138,13 @@ class DiffusionFinetune(L.LightningModule):
             torch.manual_seed(self._seed(*key, 1))
             yield self._generator(*key)
 
+    @property
+    def components(self) -> Components:
+        """The model's parts, with its adapters attached and the schedule it trains (for sampling)."""
+        return Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler)
+
     def encode_text(self, captions: list[str]) -> Tensor:
-        length = self.text_encoder.config.max_position_embeddings  # 77 for CLIP
-        ids = self.tokenizer(captions, padding="max_length", max_length=length, truncation=True,
-                             return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+        return self.components.encode_text(captions)
 
     @torch.no_grad()
     def latent_parameters(self, pixels: Tensor) -> Tensor:
@@ -161,7 +156,7 @@ class DiffusionFinetune(L.LightningModule):
         """A scaled latent drawn from the posterior with the step's generator (cached or not, the same draw)."""
         return DiagonalGaussianDistribution(parameters.float()).sample(generator) * self.vae.config.scaling_factor
 
-    # The data module's caches key their entries by these (see lycoflow.encodings.Encoders).
+    # The data module's caches key their entries by these (see lycoflow.data.encodings.EncodingModel).
     def latent_identity(self) -> str:
         if self._latent_identity is None:
             self._latent_identity = module_digest(self.vae, dict(self.vae.config), "float32")
@@ -235,8 +230,8 @@ class DiffusionFinetune(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         groups = []
-        parts = [("unet", "lora_unet", self.lr)] + (
-            [("text_encoder", "lora_te", self.text_encoder_lr)] if self.train_text_encoder else [])
+        parts = [("unet", UNET_PREFIX, self.lr)] + (
+            [("text_encoder", TEXT_ENCODER_PREFIX, self.text_encoder_lr)] if self.train_text_encoder else [])
         for name, prefix, lr in parts:
             decay, exempt = self.networks[prefix].parameters_by_decay()
             groups.append({"name": name, "params": decay, "lr": lr})
@@ -281,19 +276,10 @@ class DiffusionFinetune(L.LightningModule):
 
     def adapter_metadata(self, output_name: str) -> dict[str, str]:
         """kohya-compatible metadata (what A1111/ComfyUI and civitai show), plus the resolved recipe."""
-        args = self.adapter.network_args()
-        meta = {
-            "ss_base_model_version": self.base_version,
-            "ss_network_module": "lycoris.kohya",
-            "ss_network_dim": str(self.adapter.dim),
-            "ss_network_alpha": str(self.adapter.dim if self.adapter.alpha is None else self.adapter.alpha),
-            "ss_network_args": json.dumps(args, default=str),
-            "ss_output_name": output_name,
-            "ss_epoch": str(self.current_epoch + 1),
-            "ss_steps": str(self.global_step),
-            "ss_seed": str(self.seed),
-            "lycoflow_version": __version__,
-        }
+        meta = lycoris.kohya_metadata(self.adapter.network_args(), self.adapter.dim, self.adapter.alpha,
+                                      self.base_version, output_name, epoch=self.current_epoch + 1,
+                                      steps=self.global_step, seed=self.seed)
+        meta["lycoflow_version"] = __version__
         if self.recipe is not None:
             meta["lycoflow_recipe"] = self.recipe
         return meta

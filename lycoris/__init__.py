@@ -10,11 +10,20 @@ Note: the PyPI package ``lycoris-lora`` installs an import package of the same n
 from .base import Adapter, Network, Strategy
 from .boft import BOFT, BOFTAdapter
 from .dylora import DyLoRA, DyLoRAAdapter
+from .extract import (
+    LayerExtraction,
+    LayerPair,
+    changed_tensors,
+    extract_layer,
+    layer_pairs,
+    lowrank_factors,
+    mismatched_tensors,
+)
 from .full import Full, FullAdapter
 from .functional import butterfly_factor, factorization
 from .glora import GLoRA, GLoRAAdapter
 from .ia3 import IA3, IA3Adapter
-from .io import ALGORITHMS, load_file, merge_into, save_file
+from .io import ALGORITHMS, Algorithm, adapter_classes, kohya_metadata, load_file, merge_into, save_file
 from .loha import LoHa, LoHaAdapter
 from .lokr import LoKr, LoKrAdapter
 from .lora import LoRA, LoRAAdapter
@@ -22,8 +31,9 @@ from .oft import OFT, OFTAdapter
 from .targeting import PRESETS
 
 __all__ = [
-    "ALGORITHMS", "Adapter", "BOFT", "BOFTAdapter", "DyLoRA", "DyLoRAAdapter", "Full", "FullAdapter", "GLoRA",
-    "GLoRAAdapter", "IA3", "IA3Adapter", "LoHa", "LoHaAdapter", "LoKr", "LoKrAdapter", "LoRA", "LoRAAdapter",
-    "Network", "OFT", "OFTAdapter", "PRESETS", "Strategy", "butterfly_factor", "factorization", "load_file",
-    "merge_into", "save_file",
+    "ALGORITHMS", "Adapter", "Algorithm", "BOFT", "BOFTAdapter", "DyLoRA", "DyLoRAAdapter", "Full", "FullAdapter",
+    "GLoRA", "GLoRAAdapter", "IA3", "IA3Adapter", "LayerExtraction", "LayerPair", "LoHa", "LoHaAdapter", "LoKr",
+    "LoKrAdapter", "LoRA", "LoRAAdapter", "Network", "OFT", "OFTAdapter", "PRESETS", "Strategy", "adapter_classes",
+    "butterfly_factor", "changed_tensors", "extract_layer", "factorization", "kohya_metadata", "layer_pairs",
+    "load_file", "lowrank_factors", "merge_into", "mismatched_tensors", "save_file",
 ]

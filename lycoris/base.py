@@ -276,8 +276,14 @@ class Network(nn.Module):
 class Strategy:
     """Base class of every adapter algorithm: hyperparameters shared by all, and layer targeting.
 
-    Subclasses implement `make_adapter`; everything else (selection by preset/patterns, per-pattern
-    overrides, naming, attaching) happens here, so a new algorithm is one small file.
+    Subclasses implement `make_adapter` and name the `Adapter` that reads their files back in ``adapter_class``;
+    everything else (selection by preset/patterns, per-pattern overrides, naming, attaching) happens here, so a
+    new algorithm is one small file.
+
+    A strategy stores each constructor argument under its own name (``dim`` as ``self.dim``, ``use_tucker`` as
+    ``self.use_tucker``), normalised at most (``exclude=None`` as ``[]``): `settings` and `network_args` (the
+    files' ``ss_network_args``), per-layer overrides, recipes and the run analysis read the arguments back by
+    those names, so a subclass stores its own the same way.
 
     Args:
         dim: rank of the low-rank factors (OFT/BOFT: block size; unused by IA3 and Full).
@@ -287,7 +293,7 @@ class Strategy:
         dropout: elementwise dropout on the adapter's contribution while training.
         rank_dropout: dropout over rank channels while training.
         module_dropout: probability of skipping a whole adapted layer for a training step.
-        preset: named set of layers (DESIGN §4): attn-only, attn-mlp (paper default) or full.
+        preset: named set of layers, the paper's "trained layers": attn-only, attn-mlp (paper default) or full.
         targets: glob patterns over canonical dotted module paths to adapt (added to the preset's).
             With neither preset nor targets, every Linear/Conv layer is adapted.
         exclude: glob patterns of module paths never to adapt.
@@ -298,6 +304,9 @@ class Strategy:
     _TARGETING = frozenset({"preset", "targets", "exclude", "overrides"})
     #: The algorithm's name in LyCORIS metadata (``ss_network_args``); a user strategy defaults to its class name.
     algo: ClassVar[str] = ""
+    #: The adapter that reads this algorithm's files back: what `lycoris.load_file` and `merge_into` use for the
+    #: strategy given in ``algorithms=``. Every algorithm sets it; a strategy without it cannot stand for its files.
+    adapter_class: ClassVar[type[Adapter]]
 
     def __init__(
         self,

@@ -74,6 +74,7 @@ class BOFT(Strategy):
     """
 
     algo = "boft"
+    adapter_class = BOFTAdapter
 
     def __init__(self, constraint: float = 0.0, rescaled: bool = False, **kwargs):
         super().__init__(**kwargs)

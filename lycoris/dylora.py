@@ -37,6 +37,7 @@ class DyLoRA(Strategy):
     """
 
     algo = "dylora"
+    adapter_class = LoRAAdapter  # its files are LoCon files at full rank: LoRA reads them
 
     def __init__(self, block_size: int = 1, **kwargs):
         super().__init__(**kwargs)

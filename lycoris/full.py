@@ -41,6 +41,7 @@ class Full(Strategy):
     """
 
     algo = "full"
+    adapter_class = FullAdapter
 
     def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> FullAdapter:
         return FullAdapter(layer, **self.common())

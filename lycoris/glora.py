@@ -64,6 +64,7 @@ class GLoRA(Strategy):
     """
 
     algo = "glora"
+    adapter_class = GLoRAAdapter
 
     def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> GLoRAAdapter:
         return GLoRAAdapter(layer, dim, alpha, **self.common())

@@ -56,6 +56,7 @@ class IA3(Strategy):
     """
 
     algo = "ia3"
+    adapter_class = IA3Adapter
 
     def __init__(self, train_on_input: bool = False, **kwargs):
         super().__init__(**kwargs)

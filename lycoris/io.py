@@ -1,9 +1,42 @@
 """LyCORIS safetensors files: write, read (ours, the LyCORIS library's, kohya sd-scripts'), and bake in.
 
-A file maps ``<prefix>_<module path with _>.<suffix>`` to tensors (DESIGN §4). Reading groups keys by
-layer, finds the layer in the given models under either spelling of its path, recognises the algorithm
-from the suffixes, checks every shape against what that layer needs, and refuses non-finite values.
-Loading never unpickles: safetensors only.
+Keys. A file maps ``<prefix>_<module path with "_">.<suffix>`` to tensors, e.g.
+``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight``: the prefixes are
+``lora_unet`` and ``lora_te`` (SD 1.x/2.x), the module paths the canonical SD ones that the UIs look up, the
+suffixes the algorithm's parameter names (a network's ``state_dict()`` is the file content). Each low-rank
+layer stores its ``alpha``, and the scale α/rank is applied once, as A1111 and ComfyUI compute it.
+Text-encoder keys are always written as ``lora_te_text_model_encoder_…``, also with transformers 5, whose
+``CLIPTextModel`` dropped the ``text_model.`` level (names without it are silently ignored by the UIs); both
+spellings load.
+
+Reading groups keys by layer, finds the layer in the given models under either spelling of its path,
+recognises the algorithm from the suffixes (`Adapter.signature`; a user's algorithm by its adapter class or
+its strategy, see `load_file`), checks every shape against what that layer needs and names the first key
+that does not fit, and refuses files with NaN/inf values. Keys that match no layer are an error (a warning
+with ``strict=False``). Only safetensors is read: nothing is unpickled. The file's metadata is kohya's
+``ss_*`` keys (`kohya_metadata`), which A1111, ComfyUI and Civitai show.
+
+Conventions worth knowing:
+
+- Every adapter starts at ΔW = 0 (one factor zero), so a fresh network leaves the model unchanged.
+- ``multiplier`` is linear for every algorithm: the layer computes with W0 + multiplier·ΔW, where
+  ``delta_weights()`` gives ΔW (for OFT/BOFT, (IA)³, GLoRA and DoRA, ΔW depends on W0). At multiplier 1
+  this is exactly what A1111 and ComfyUI compute; for OFT/BOFT at other strengths ComfyUI interpolates the
+  rotation instead.
+- ``merge()`` keeps a copy of each original weight so that ``unmerge()``/``remove()`` restore it bit for bit;
+  `merge_into` bakes without a copy.
+- LoKr with both blocks full (the paper's dim 10000) has no rank, so its scale is 1 whatever ``alpha``
+  says, as in the UIs. OFT/BOFT store their constraint in ``alpha`` and use it as the cap on ‖Q‖ directly,
+  as ComfyUI reads it.
+- DoRA normalises each output row (``dora_scale`` of shape (out, 1, …), LyCORIS' default); files with
+  per-input-column magnitudes (LyCORIS' ``wd_on_output=False``, shape (1, in, …)) load too.
+- The LyCORIS library differs at multipliers other than 1 for DoRA, rescaled OFT and BOFT, and caps a
+  constrained OFT at alpha·out_dim; ``tests/test_interop.py`` pins each difference as a strict xfail.
+- DyLoRA trains with scale α/b at the sampled rank b and is saved with LoCon keys at full rank, so a file
+  truncated to rank b reproduces it.
+- Training never builds what it need not: LoRA/LoCon, DyLoRA, GLoRA and (IA)³ run through their factors
+  (bypass), LoKr applies w1 ⊗ w2 through reshapes, LoHa's ΔW goes through a memory-saving autograd function,
+  OFT/BOFT rotate the weight once per step; a merged network costs exactly the base model.
 """
 
 from __future__ import annotations
@@ -14,13 +47,14 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file as _load_tensors
 from safetensors.torch import save_file as _save_tensors
 from torch import Tensor, nn
 
-from .base import Adapter, Network
+from .base import Adapter, Network, Strategy
 from .boft import BOFTAdapter
 from .full import FullAdapter
 from .glora import GLoRAAdapter
@@ -35,6 +69,62 @@ from .targeting import layers_by_name, lycoris_name
 ALGORITHMS: tuple[type[Adapter], ...] = (
     LoRAAdapter, LoHaAdapter, LoKrAdapter, OFTAdapter, BOFTAdapter, GLoRAAdapter, IA3Adapter, FullAdapter,
 )
+
+#: What ``algorithms=`` takes: an adapter class, or a strategy (class or instance), read by its ``adapter_class``.
+Algorithm = type[Adapter] | type[Strategy] | Strategy
+
+
+def adapter_classes(algorithms: Iterable[Algorithm]) -> tuple[type[Adapter], ...]:
+    """The adapter classes that read ``algorithms``' files, in order; TypeError naming any other item."""
+    classes = []
+    for algorithm in algorithms:
+        cls = type(algorithm) if isinstance(algorithm, Strategy) else algorithm
+        if isinstance(cls, type) and issubclass(cls, Strategy):
+            strategy, cls = cls, getattr(cls, "adapter_class", None)
+            if not (isinstance(cls, type) and issubclass(cls, Adapter)):
+                raise TypeError(f"{strategy.__module__}.{strategy.__qualname__} sets no adapter_class: give it "
+                                "`adapter_class = <its Adapter subclass>` so that its files can be read")
+        elif not (isinstance(cls, type) and issubclass(cls, Adapter)):
+            raise TypeError(f"{algorithm!r} is neither a lycoris.Adapter class nor a lycoris.Strategy")
+        classes.append(cls)
+    return tuple(classes)
+
+
+def kohya_metadata(
+    network_args: Mapping[str, Any],
+    dim: int,
+    alpha: float | None,
+    base_version: str,
+    output_name: str,
+    epoch: int | None = None,
+    steps: int | None = None,
+    seed: int | None = None,
+    comment: str | None = None,
+) -> dict[str, str]:
+    """kohya sd-scripts' ``ss_*`` metadata of an adapter file, in its key order: what A1111, ComfyUI and Civitai
+    show about a file.
+
+    Args:
+        network_args: ``ss_network_args``, e.g. `Strategy.network_args` (``algo`` and the settings).
+        dim: ``ss_network_dim``, the rank.
+        alpha: ``ss_network_alpha``; None means alpha = dim (scale 1).
+        base_version: ``ss_base_model_version``: ``sd_v1``, ``sd_v2_512`` or ``sd_v2_768_v``.
+        output_name: ``ss_output_name``, the name the UIs list the file under.
+        epoch: ``ss_epoch``, for a trained file (1 after the first epoch).
+        steps: ``ss_steps``, optimiser steps taken.
+        seed: ``ss_seed``, the training seed.
+        comment: ``ss_training_comment``: how the file was made.
+    """
+    meta = {
+        "ss_base_model_version": base_version,
+        "ss_network_module": "lycoris.kohya",
+        "ss_network_dim": str(dim),
+        "ss_network_alpha": str(dim if alpha is None else alpha),
+        "ss_network_args": json.dumps(dict(network_args), default=str),
+        "ss_output_name": output_name,
+    }
+    optional = {"ss_epoch": epoch, "ss_steps": steps, "ss_seed": seed, "ss_training_comment": comment}
+    return meta | {key: str(value) for key, value in optional.items() if value is not None}
 
 
 def save_file(
@@ -82,7 +172,7 @@ def _read(
     path: str | os.PathLike,
     modules: Mapping[str, nn.Module],
     strict: bool,
-    algorithms: Iterable[type[Adapter]],
+    algorithms: Iterable[Algorithm],
 ) -> dict[str, dict[str, Adapter]]:
     """prefix → {canonical LyCORIS name → adapter holding the file's values}, not attached."""
     path = Path(path)
@@ -101,7 +191,7 @@ def _read(
         name, _, suffix = key.partition(".")
         groups.setdefault(name, {})[suffix] = value
     tables = {prefix: layers_by_name(module, prefix) for prefix, module in modules.items()}
-    algorithms = tuple(algorithms)
+    algorithms = adapter_classes(algorithms)
     placed: dict[str, dict[str, Adapter]] = {prefix: {} for prefix in modules}
     unplaced: list[str] = []
     for name, group in groups.items():
@@ -153,7 +243,7 @@ def load_file(
     modules: Mapping[str, nn.Module],
     multiplier: float = 1.0,
     strict: bool = True,
-    algorithms: Iterable[type[Adapter]] = ALGORITHMS,
+    algorithms: Iterable[Algorithm] = ALGORITHMS,
 ) -> dict[str, Network]:
     """Attach the adapters of a LyCORIS/kohya file to ``modules``; returns prefix → network.
 
@@ -162,7 +252,9 @@ def load_file(
         modules: file prefix → model, e.g. ``{"lora_unet": unet, "lora_te": text_encoder}``.
         multiplier: strength of every loaded adapter (settable later on each network).
         strict: raise on keys that match no layer (otherwise warn and load the rest).
-        algorithms: adapter classes to recognise, tried in order.
+        algorithms: the algorithms to recognise, tried in order: adapter classes, or strategies (classes or
+            instances) for their ``adapter_class``. A user's algorithm goes first, before the built-in ones:
+            ``algorithms=(my_algos.ScaledDiff, *lycoris.ALGORITHMS)``.
     """
     placed = _read(path, modules, strict, algorithms)
     return {prefix: Network(adapters, prefix, multiplier) for prefix, adapters in placed.items() if adapters}
@@ -172,12 +264,14 @@ def merge_into(
     modules: Mapping[str, nn.Module],
     files: Iterable[tuple[str | os.PathLike, float]],
     strict: bool = True,
-    algorithms: Iterable[type[Adapter]] = ALGORITHMS,
+    algorithms: Iterable[Algorithm] = ALGORITHMS,
 ) -> dict[str, int]:
     """Bake adapter files into the base weights, one after another, each at its weight.
 
-    Returns the number of layers changed per prefix. The model then runs at the base model's cost.
+    Returns the number of layers changed per prefix. The model then runs at the base model's cost. ``strict``
+    and ``algorithms`` are `load_file`'s.
     """
+    algorithms = adapter_classes(algorithms)  # once: an iterator would be spent by the first file
     changed = {prefix: 0 for prefix in modules}
     for path, weight in files:
         for prefix, adapters in _read(path, modules, strict, algorithms).items():

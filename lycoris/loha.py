@@ -77,6 +77,7 @@ class LoHa(Strategy):
     """
 
     algo = "loha"
+    adapter_class = LoHaAdapter
 
     def __init__(self, use_tucker: bool = False, weight_decompose: bool = False, **kwargs):
         super().__init__(**kwargs)

@@ -198,6 +198,7 @@ class LoKr(Strategy):
     """
 
     algo = "lokr"
+    adapter_class = LoKrAdapter
 
     def __init__(
         self,

@@ -97,6 +97,7 @@ class LoRA(Strategy):
     """
 
     algo = "lora"
+    adapter_class = LoRAAdapter
 
     def __init__(self, use_tucker: bool = False, weight_decompose: bool = False, **kwargs):
         super().__init__(**kwargs)

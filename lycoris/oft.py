@@ -66,6 +66,7 @@ class OFT(Strategy):
     """
 
     algo = "diag-oft"
+    adapter_class = OFTAdapter
 
     def __init__(self, constraint: float = 0.0, rescaled: bool = False, **kwargs):
         super().__init__(**kwargs)

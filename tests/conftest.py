@@ -33,9 +33,9 @@ def tiny_sd_folder(tmp_path_factory):
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """The quickstart's generated data set, written once per session."""
-    from lycoflow.synthetic import generate
+    from lycoflow.data.synthetic import ensure_dataset
 
-    return generate(tmp_path_factory.mktemp("data") / "synthetic")
+    return ensure_dataset(tmp_path_factory.mktemp("data") / "synthetic")
 
 
 @pytest.fixture(scope="session")

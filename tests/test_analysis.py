@@ -7,6 +7,7 @@ n = 1 case. Each metric's values are chosen so that its scores have a closed for
 
 import csv
 import html
+import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
@@ -212,3 +213,9 @@ def test_capacity(class_path, init_args, parameters):
     from lycoflow.analysis import capacity
 
     assert capacity(class_path, init_args)[0] == parameters
+
+
+def test_import_without_torch():
+    # `lycoflow analyze` reads tables: loading the package must not pull in the models' stack.
+    code = "import lycoflow.analysis, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,4 +1,4 @@
-"""lycoflow.convert: a tiny SD 1.x model written as an LDM single file loads back through diffusers unchanged."""
+"""lycoflow.tools.convert: a tiny SD 1.x model written as an LDM single file loads back through diffusers unchanged."""
 
 import pytest
 import torch
@@ -7,8 +7,8 @@ from diffusers.loaders.single_file_utils import infer_diffusers_model_type
 from safetensors.torch import load_file
 from torch import nn
 
-from lycoflow.convert import save_single_file, text_encoder_to_ldm, unet_to_ldm
 from lycoflow.tiny import save_tiny_sd, tiny_components, tiny_unet
+from lycoflow.tools.convert import save_single_file, text_encoder_to_ldm, unet_to_ldm
 
 
 @pytest.fixture(scope="module")

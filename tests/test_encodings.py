@@ -11,7 +11,7 @@ from PIL import Image
 
 import lycoris
 from lycoflow.data import HierarchicalDataModule
-from lycoflow.encodings import latent_key, text_key
+from lycoflow.data.encodings import latent_key, text_key
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import TinySD
 

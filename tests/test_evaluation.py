@@ -1,5 +1,6 @@
-"""The Evaluation callback end to end: a real fit of the tiny model on the generated data set, real images on disk,
-metrics.csv, an offline W&B run; and the values against what they must be."""
+"""Evaluation end to end: the Evaluation callback in a real fit of the tiny model on the generated data set (real
+images on disk, metrics.csv, an offline W&B run), the Evaluator alone, `lycoflow evaluate`; and the values against
+what they must be."""
 
 import csv
 import math
@@ -12,24 +13,25 @@ from safetensors.torch import save_file
 
 import lycoris
 from callbacks import AdapterExport, Evaluation
-from callbacks.evaluation import config_id, parts_of
 from lycoflow.cli import main
-from lycoflow.evaluation import COLUMNS, METRICS
-from lycoflow.generation import Sampler
+from lycoflow.data import SyntheticConcepts
+from lycoflow.evaluation import COMPUTATIONS, Evaluator, config_id
+from lycoflow.evaluation.sampling import Sampler
 from lycoflow.lightning_cli import run_lightning
 from lycoflow.loggers import WandbLogger
+from lycoflow.metrics import BY_NAME, COLUMNS
 from lycoflow.metrics.encoders import TinyCLIP, TinyDINOv2, TinyVGG19
 from lycoflow.module import DiffusionFinetune
-from lycoflow.synthetic import SyntheticConcepts
 from lycoflow.tiny import TinySD
 
 TYPES = ["train", "trigger", "alter", "style", "agnostic"]
 
 
-def evaluation(**kwargs) -> Evaluation:
+def settings(**kwargs) -> dict:
+    """Small and fast settings (those of `Evaluation` and `Evaluator` alike)."""
     options = {"images": 2, "prompt_types": TYPES, "sampler": Sampler(steps=2, resolution=32, batch_size=16),
                "image_encoder": TinyDINOv2(), "text_image_encoder": TinyCLIP(), "style_encoder": TinyVGG19()}
-    return Evaluation(**{**options, **kwargs})
+    return {**options, **kwargs}
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -47,7 +49,7 @@ def fitted(tiny_sd_folder, synthetic_root, tmp_path_factory):
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=logger, default_root_dir=run,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=0,
-                        callbacks=[AdapterExport(every_n_epochs=1), evaluation()])
+                        callbacks=[AdapterExport(every_n_epochs=1), Evaluation(**settings())])
     trainer.fit(model, datamodule=data)
     return run, data, model
 
@@ -61,7 +63,7 @@ def test_every_saved_epoch_writes_images_metrics_and_a_wandb_run(fitted):
     per_epoch = len(concepts) * (len(TYPES) * 4 + 1)
     assert len(rows) == 2 * per_epoch
     assert {r["epoch"] for r in rows} == {"1", "2"} and {r["run"] for r in rows} == {"lokr-run"}
-    assert {r["metric"] for r in rows} == set(METRICS)
+    assert {r["metric"] for r in rows} == set(BY_NAME)
     assert {r["prompt_type"] for r in rows if r["metric"] == "style_loss"} == {"style"}
     assert {(r["category"], r["class"], r["subclass"]) for r in rows} == {
         (c.category, c.class_name, c.subclass) for c in concepts}
@@ -95,10 +97,11 @@ def test_untrained_adapter_has_zero_style_loss_and_is_deterministic(fitted, tiny
     model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4)).eval()
     results = []
     for attempt in range(2):
-        callback = evaluation(prompt_types=["style", "trigger"])
-        rows, _ = callback.evaluate(parts_of(model), list(model.networks.values()), data, tmp_path / str(attempt),
+        evaluator = Evaluator(**settings(prompt_types=["style", "trigger"]))
+        result = evaluator.evaluate(model.components, list(model.networks.values()), data, tmp_path / str(attempt),
                                     epoch=1, step=0, run="zero", config="c", seed=0)
-        results.append({(r["class"], r["subclass"], r["prompt_type"], r["metric"]): r["value"] for r in rows})
+        assert (result.epoch, result.step, len(result.grids)) == (1, 0, len(data.concepts) * 2)
+        results.append({(r["class"], r["subclass"], r["prompt_type"], r["metric"]): r["value"] for r in result.rows})
     losses = [v for (_, _, _, metric), v in results[0].items() if metric == "style_loss"]
     assert losses and all(v == 0.0 for v in losses)
     assert results[0] == results[1]
@@ -109,6 +112,19 @@ def test_config_id_ignores_seeds_run_folder_and_fits_own_options():
     b = "seed_everything: 2\nmodel:\n  seed: 2\n  lr: 0.1\ntrainer:\n  default_root_dir: runs/b\nckpt_path: last\n"
     c = "seed_everything: 1\nmodel:\n  seed: 1\n  lr: 0.2\ntrainer:\n  default_root_dir: runs/a\n"
     assert config_id(a) == config_id(b) != config_id(c)
+
+
+def test_config_id_names_moved_modules_by_their_old_names():
+    """Recipes naming where a class lives now and old runs' recipes naming where it lived are one configuration."""
+    recipe = ("data:\n  class_path: {}\ntrainer:\n  callbacks:\n  - class_path: callbacks.Evaluation\n"
+              "    init_args:\n      sampler:\n        class_path: {}\n        init_args: {{steps: 10}}\n")
+    old = config_id(recipe.format("lycoflow.synthetic.SyntheticConcepts", "lycoflow.generation.Sampler"))
+    new = config_id(recipe.format("lycoflow.data.synthetic.SyntheticConcepts", "lycoflow.evaluation.sampling.Sampler"))
+    assert old == new != config_id(recipe.format("lycoflow.data.synthetic.SyntheticConcepts", "my.own.Sampler"))
+
+
+def test_every_metric_of_the_table_is_computed_once():
+    assert list(COMPUTATIONS) == list(BY_NAME)
 
 
 def test_lycoflow_evaluate_reproduces_the_evaluation_of_training(tiny, tmp_path):
@@ -151,13 +167,11 @@ def test_references_of_bucketed_data_are_square_crops_and_sampling_uses_the_trai
                              min_bucket_resolution=64, max_bucket_resolution=256, bucket_step=32)
     data.setup("fit")
     assert len(set(data.buckets)) >= 3
-    callback = evaluation()
-    references = callback.references(data, TinyDINOv2(), torch.device("cpu"))
+    references = Evaluator(**settings()).references(data, TinyDINOv2(), torch.device("cpu"))
     assert {key: len(r) for key, r in references.items()} == {c.key: len(c.images) for c in data.concepts}
     model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4),
                               prediction_type="v_prediction")
-    assert model.noise_scheduler.config.prediction_type == "epsilon"  # the base model's
-    assert parts_of(model).scheduler_config["prediction_type"] == "v_prediction"
+    assert model.components.scheduler.config["prediction_type"] == "v_prediction"  # the base model's: epsilon
 
 
 def test_validate_leaves_the_runs_config_alone(tiny, tmp_path):

@@ -167,6 +167,8 @@ class ScaledDiff(lycoris.Strategy):
         **kwargs: shared hyperparameters, see `lycoris.Strategy`.
     """
 
+    adapter_class = ScaledDiffAdapter
+
     def __init__(self, gain: float = 1.0, **kwargs):
         super().__init__(**kwargs)
         self.gain = gain
@@ -202,9 +204,20 @@ def test_user_strategy_from_outside_the_package_by_class_path(tmp_path, monkeypa
     net.eval()  # dropout=0.1 acts in training only
     want = run(unet, unet_inputs())
     path = lycoris.save_file(tmp_path / "u.safetensors", {"lora_unet": net})
-    algos = (*lycoris.ALGORITHMS, sys.modules["my_algos"].ScaledDiffAdapter)
-    lycoris.load_file(path, {"lora_unet": base}, algorithms=algos)
-    torch.testing.assert_close(run(base, unet_inputs()), want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"no known algorithm has the keys \['s', 'sdiff'\]"):
+        lycoris.load_file(path, {"lora_unet": copy.deepcopy(base)})
+
+    class Unreadable(lycoris.Strategy):  # names no adapter_class
+        pass
+
+    with pytest.raises(TypeError, match="Unreadable sets no adapter_class"):
+        lycoris.load_file(path, {"lora_unet": copy.deepcopy(base)}, algorithms=[Unreadable, *lycoris.ALGORITHMS])
+    # The strategy, class or instance, reads its files by its adapter_class; so does the adapter class itself.
+    module = sys.modules["my_algos"]
+    for algorithm in (type(strategy), strategy, module.ScaledDiffAdapter):
+        fresh = copy.deepcopy(base)
+        lycoris.load_file(path, {"lora_unet": fresh}, algorithms=(algorithm, *lycoris.ALGORITHMS))
+        torch.testing.assert_close(run(fresh, unet_inputs()), want, atol=1e-5, rtol=1e-5)
 
 
 def test_kohya_sd_scripts_lora_file_loads(tmp_path, unet, text_encoder):

@@ -1,6 +1,9 @@
-"""The invariant matrix: every algorithm × every layer kind satisfies the adapter contract (DESIGN §4)."""
+"""The invariant matrix: every algorithm × every layer kind satisfies the adapter contract — ΔW in W0's shape with
+the scale applied once, a forward computing with W0 + multiplier·ΔW, exact merge and unmerge, a file that loads
+back — and every strategy keeps its constructor arguments under their own names."""
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -138,9 +141,34 @@ def test_save_load_roundtrip(tmp_path, layer_kind, strategy_name):
     net.eval()
     want = model(x)
     path = lycoris.save_file(tmp_path / "a.safetensors", {"lora_unet": net})
-    fresh = copy.deepcopy(original)
-    loaded = lycoris.load_file(path, {"lora_unet": fresh})["lora_unet"]
-    loaded.eval()
-    torch.testing.assert_close(fresh(x), want, atol=1e-6, rtol=1e-6)
-    loaded.multiplier = 0.0
-    torch.testing.assert_close(fresh(x), original(x), atol=1e-6, rtol=0)
+    # Read by the built-in table, and by the strategy's own adapter_class alone.
+    for algorithms in (lycoris.ALGORITHMS, [STRATEGIES[strategy_name]()]):
+        fresh = copy.deepcopy(original)
+        loaded = lycoris.load_file(path, {"lora_unet": fresh}, algorithms=algorithms)["lora_unet"]
+        loaded.eval()
+        torch.testing.assert_close(fresh(x), want, atol=1e-6, rtol=1e-6)
+        loaded.multiplier = 0.0
+        torch.testing.assert_close(fresh(x), original(x), atol=1e-6, rtol=0)
+
+
+BUILT_IN = [cls for cls in map(vars(lycoris).get, lycoris.__all__)
+            if isinstance(cls, type) and issubclass(cls, lycoris.Strategy) and cls is not lycoris.Strategy]
+
+
+@pytest.mark.parametrize("cls", BUILT_IN, ids=lambda cls: cls.__name__)
+def test_a_strategy_stores_each_constructor_argument_under_its_own_name(cls):
+    """settings(), network_args() (the files' ss_network_args), overrides, recipes and the analysis read the
+    arguments back by name."""
+    strategy = cls()
+    for klass in cls.__mro__[:cls.__mro__.index(lycoris.Strategy) + 1]:
+        if "__init__" not in vars(klass):
+            continue
+        for name, param in inspect.signature(klass.__init__).parameters.items():
+            if name == "self" or param.kind is param.VAR_KEYWORD:
+                continue
+            assert name in vars(strategy), f"{cls.__name__}({name}=...) is not stored as self.{name}"
+            if param.default is not None:  # None may be stored normalised (exclude=None as [])
+                assert getattr(strategy, name) == param.default, name
+    assert type(strategy)(**strategy.settings()).settings() == strategy.settings()
+    assert cls in {type(make()) for make in STRATEGIES.values()}, "every built-in strategy runs the matrix above"
+    assert issubclass(cls.adapter_class, lycoris.Adapter) and cls.adapter_class in lycoris.ALGORITHMS

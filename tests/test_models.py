@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from lycoflow.convert import save_single_file
 from lycoflow.models import BaseModelError, Pretrained
 from lycoflow.tiny import BOS, EOS, TinySD
+from lycoflow.tools.convert import save_single_file
 
 
 def outputs(parts):

@@ -5,16 +5,16 @@ saving, sampling or measuring computes something else: find out why before re-re
 """
 
 import csv
-import subprocess
-import sys
 import hashlib
 import io
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from callbacks.evaluation import config_id
+from lycoflow.evaluation import config_id
 from lycoflow.lightning_cli import run_lightning
 
 QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"

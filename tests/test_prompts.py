@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from lycoflow.data import scan
-from lycoflow.prompts import ALTER_TEMPLATES, STYLE_TEMPLATES, build_suite, image_seed
+from lycoflow.evaluation.prompts import ALTER_TEMPLATES, STYLE_TEMPLATES, build_suite, image_seed
 
 
 @pytest.fixture(scope="module")

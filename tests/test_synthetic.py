@@ -1,5 +1,6 @@
 """The quickstart dataset: byte-identical for a seed, shaped like the paper's data, loadable, learnable."""
 
+import importlib
 import time
 from collections import Counter
 from pathlib import Path
@@ -11,7 +12,7 @@ from jsonargparse import ArgumentParser
 from PIL import Image
 
 from lycoflow.data import read_tags
-from lycoflow.synthetic import MANIFEST_DATA, SyntheticConcepts, default_root, generate
+from lycoflow.data.synthetic import MANIFEST_DATA, SyntheticConcepts, default_root, ensure_dataset
 
 
 def files(root: Path) -> dict[str, bytes]:
@@ -20,15 +21,15 @@ def files(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    return generate(tmp_path_factory.mktemp("synthetic") / "concepts")
+    return ensure_dataset(tmp_path_factory.mktemp("synthetic") / "concepts")
 
 
 def test_same_seed_same_bytes_other_seed_other_images(dataset, tmp_path):
     start = time.perf_counter()
-    again = generate(tmp_path / "again")
+    again = ensure_dataset(tmp_path / "again")
     assert time.perf_counter() - start < 5
     assert files(again) == files(dataset)
-    other = files(generate(tmp_path / "other", seed=1))
+    other = files(ensure_dataset(tmp_path / "other", seed=1))
     assert other.keys() == files(dataset).keys()
     changed = [k for k, v in other.items() if k.endswith(".png") and v != files(dataset)[k]]
     assert len(changed) == 81
@@ -98,7 +99,7 @@ def test_existing_root_is_reused_or_refused(dataset, tmp_path):
         SyntheticConcepts(root=str(dataset), dataset_seed=3).prepare_data()
     (tmp_path / "mine").mkdir()
     with pytest.raises(FileExistsError, match=str(tmp_path / "mine")):
-        generate(tmp_path / "mine")
+        ensure_dataset(tmp_path / "mine")
 
 
 def test_default_root_is_in_the_cache(monkeypatch, tmp_path):
@@ -118,3 +119,9 @@ def test_constructor_is_the_cli_schema():
     with pytest.raises(SystemExit):
         parser.parse_args(["--data", "lycoflow.data.HierarchicalDataModule", "--data.root", "x",
                            "--data.balance", "classes"])
+
+
+def test_old_module_names_resolve_to_the_moved_modules():
+    # Old recipes and adapter files name lycoflow.synthetic / lycoflow.encodings.
+    assert importlib.import_module("lycoflow.synthetic").SyntheticConcepts is SyntheticConcepts
+    assert importlib.import_module("lycoflow.encodings") is importlib.import_module("lycoflow.data.encodings")

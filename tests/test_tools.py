@@ -3,8 +3,10 @@ they must, and mistakes are reported by name before any model is loaded."""
 
 import argparse
 import csv
+import importlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,11 +15,11 @@ from safetensors import safe_open
 
 import lycoris
 from lycoflow import tools
-from lycoflow.convert import save_single_file
 from lycoflow.evaluation import load_png, quantize
-from lycoflow.generation import Parts, Sampler, generate
+from lycoflow.evaluation.sampling import Sampler, generate
 from lycoflow.models import BaseModelError, Pretrained
 from lycoflow.tools import extract, main_extract, main_generate, main_merge, merge, parse_adapter
+from lycoflow.tools.convert import save_single_file
 
 PROMPTS = ["zqx star, yellow", "a red ring"]
 FAST = ["--steps", "2", "--resolution", "32"]
@@ -109,8 +111,7 @@ def test_generate_equals_the_file_loaded_by_hand(tiny_sd_folder, lora, tmp_path)
 
     parts = Pretrained(str(tiny_sd_folder)).load()
     lycoris.load_file(lora, {"lora_unet": parts.unet, "lora_te": parts.text_encoder}, multiplier=0.7)
-    expected = quantize(generate(Parts(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer,
-                                       dict(parts.scheduler.config)), prompts, seeds, sampler))
+    expected = quantize(generate(parts, prompts, seeds, sampler))
     ours = torch.stack([load_png(tmp_path / r["file"]) for r in rows])
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 
@@ -170,6 +171,63 @@ def test_merge_adds_each_file_at_its_weight(tiny_sd_folder, lora, locon, tmp_pat
     conv = "down_blocks.0.resnets.0.conv1"  # in the second only
     expected = layers[conv].weight - 0.5 * deltas[1][f"lora_unet_{conv.replace('.', '_')}"]
     torch.testing.assert_close(merged_layers[conv].weight, expected, atol=1e-6, rtol=0)
+
+
+# -- a user's algorithm ---------------------------------------------------------------------------------
+#: The README's worked example: an algorithm outside lycoris, which names the adapter that reads its files.
+USER_ALGORITHM = '''
+import torch
+from torch import nn
+import lycoris
+
+
+class ScaledDiffAdapter(lycoris.Adapter):
+    signature = ("sdiff",)
+
+    def __init__(self, base, **common):
+        super().__init__(base, **common)
+        self.sdiff = nn.Parameter(torch.zeros_like(base.weight))
+        self.s = nn.Parameter(torch.ones(()))
+
+    def _delta(self):
+        return self.s * self.sdiff
+
+    @classmethod
+    def from_state_dict(cls, base, tensors):
+        return cls(base)
+
+
+class ScaledDiff(lycoris.Strategy):
+    adapter_class = ScaledDiffAdapter
+
+    def make_adapter(self, layer, dim, alpha):
+        return ScaledDiffAdapter(layer, **self.common())
+'''
+
+
+def test_generate_and_merge_read_a_users_algorithm_by_import_path(tiny_sd_folder, tmp_path, monkeypatch):
+    (tmp_path / "tool_algos.py").write_text(USER_ALGORITHM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tool_algos", raising=False)
+    algos = importlib.import_module("tool_algos")
+    file = make_adapter(tiny_sd_folder, tmp_path / "scaled.safetensors", algos.ScaledDiff(preset="attn-only"), seed=3)
+    common = ["--base", str(tiny_sd_folder), "--adapter", f"{file}:0.5"]
+    merged_file = ["--out-file", str(tmp_path / "merged.safetensors"), "--dtype", "float32"]
+    with pytest.raises(ValueError, match=r"no known algorithm has the keys \['s', 'sdiff'\]"):
+        main_merge([*common, *merged_file])
+    mine = ["--algorithm", "tool_algos.ScaledDiff"]
+    assert main_merge([*common, *mine, *merged_file]) == 0
+    assert main_generate([*common, *mine, "--prompt", PROMPTS[0], "--device", "cpu", *FAST,
+                          "--out", str(tmp_path / "images")]) == 0
+
+    attached = Pretrained(str(tiny_sd_folder)).load()
+    lycoris.load_file(file, attached.adaptable(), multiplier=0.5, algorithms=[algos.ScaledDiff])
+    expected = outputs(attached)
+    merged = Pretrained(str(tmp_path / "merged.safetensors"), config=str(tiny_sd_folder)).load()
+    for key, value in outputs(merged).items():
+        torch.testing.assert_close(value, expected[key], atol=1e-4, rtol=0, msg=key)
+    image = quantize(generate(attached, PROMPTS[:1], [0], Sampler(steps=2, resolution=32)))[0]
+    torch.testing.assert_close(load_png(tmp_path / "images" / "0-0-0.png"), image, atol=1e-6, rtol=0)
 
 
 # -- extract --------------------------------------------------------------------------------------------
@@ -328,6 +386,11 @@ def test_mistakes_are_named_before_loading_anything(tiny_sd_folder, lora, tmp_pa
         main_generate(["--prompt", "x", "--out", str(tmp_path)])
     with pytest.raises(BaseModelError, match="base model not found"):
         main_generate(["--base", "./no/such/model", "--prompt", "x", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--algorithm no_such_module\.Thing: cannot import no_such_module"):
+        main_generate([*base, "--algorithm", "no_such_module.Thing", "--prompt", "x", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match=r"--algorithm torch\.nn\.Linear: .* neither a lycoris\.Adapter class nor"):
+        main_merge([*base, "--adapter", str(lora), "--algorithm", "torch.nn.Linear", "--out-file",
+                    str(tmp_path / "m.safetensors")])
 
     for outs in ([], ["--out-diffusers", str(tmp_path / "d"), "--out-file", str(tmp_path / "f.safetensors")]):
         with pytest.raises(ValueError, match="exactly one output: --out-diffusers DIR .* or --out-file"):

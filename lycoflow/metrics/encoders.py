@@ -1,4 +1,4 @@
-"""Image and text encoders behind the evaluation metrics (DESIGN §6), pluggable by import path.
+"""Image and text encoders behind the evaluation metrics (paper §4.2), pluggable by import path.
 
 The paper's backbones: `DINOv2` embeddings for fidelity and diversity, `CLIP` image and text embeddings for
 controllability, and `VGG19` feature maps (conv1_1…conv5_1, pre-ReLU) whose Gram matrices give the style loss.
@@ -34,7 +34,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from ..models import _HUB_ID
+from ..models import is_hub_id
 from ..tiny import BOS, EOS, clip_tokenizer
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -137,7 +137,7 @@ def _from_hub_or_folder(load: Callable[[str], _T], model: str, what: str, exampl
     transformers reads Hub ids from the cache without the network when ``HF_HUB_OFFLINE=1``.
     """
     local = Path(model).expanduser()
-    if not local.is_dir() and (not _HUB_ID.match(model) or model.startswith((".", "/", "~"))):
+    if not local.is_dir() and not is_hub_id(model):
         raise EncoderError(
             f"{what} not found: {model!r} is neither an existing folder nor a Hub id like {example!r}"
         )

@@ -1,4 +1,4 @@
-"""The paper's evaluation metrics as functions of embeddings (DESIGN §6), like torchmetrics' functional API.
+"""The paper's evaluation metrics (§4.2) as functions of embeddings, in the style of torchmetrics' functional API.
 
 Each function takes embeddings already computed by an encoder (DINOv2 for fidelity and diversity, CLIP for
 controllability, VGG19 feature maps for base-model preservation) and returns a 0-dim tensor, except

@@ -1,4 +1,4 @@
-"""On-disk caches of VAE latents and frozen-text-encoder outputs (DESIGN §5, "speed").
+"""On-disk caches of VAE latents and frozen-text-encoder outputs: a speed-up that leaves training unchanged.
 
 Training SD spends much of a step in the frozen VAE encoder (and, when it is not trained, the text encoder)
 recomputing the same outputs every epoch. With ``cache_latents`` / ``cache_text_encoder_outputs`` the data
@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .cache import atomic_path
+from ..cache import atomic_path
 
 # Part of every key: bump it when what an entry holds, or how its input is prepared, changes.
 FORMAT = "lycoflow-encodings-1"
@@ -40,8 +40,8 @@ TEXT_BATCH = 64
 
 
 @runtime_checkable
-class Encoders(Protocol):
-    """What the data module needs from a model to fill its caches (``DiffusionFinetune`` provides it)."""
+class EncodingModel(Protocol):
+    """The model that fills the caches: what the data module needs from it (``DiffusionFinetune`` provides it)."""
 
     def latent_identity(self) -> str:
         """A digest of everything that decides the VAE's output: its config and weights."""

@@ -3,19 +3,22 @@
 The loop is diffusers' components driven directly rather than ``StableDiffusionPipeline``, for three reasons:
 each image gets its own generator (its starting noise depends on its seed alone, not on its batch neighbours),
 the VAE decodes in float32 while the UNet may hold bfloat16 weights, and the adapters stay attached in-process,
-so any algorithm (and its multiplier: 0 gives the base model) is what generates.
+so any algorithm (and its multiplier: 0 gives the base model, :func:`adapters_off`) is what generates.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, SchedulerMixin, UNet2DConditionModel
+from diffusers import DDIMScheduler, SchedulerMixin
 from torch import Tensor
-from transformers import CLIPTextModel, CLIPTokenizer
+
+from lycoris import Network
+
+from ..models import Components
 
 
 class Sampler:
@@ -48,37 +51,19 @@ class Sampler:
                 "resolution": self.resolution, "negative_prompt": self.negative_prompt}
 
 
-@dataclass
-class Parts:
-    """What sampling needs from a Stable Diffusion model."""
-
-    unet: UNet2DConditionModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler_config: dict
-
-
-def _embed(parts: Parts, texts: Sequence[str], device: torch.device) -> Tensor:
-    length = parts.text_encoder.config.max_position_embeddings
-    ids = parts.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
-                          return_tensors="pt").input_ids.to(device)
-    return parts.text_encoder(ids)[0]
-
-
 @torch.no_grad()
-def generate(parts: Parts, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler) -> Tensor:
+def generate(parts: Components, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler) -> Tensor:
     """Images ``[n, 3, r, r]`` in [0, 1] (float32, on the model's device), one per (prompt, seed), in one batch."""
     if len(prompts) != len(seeds):
         raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
     device = next(parts.unet.parameters()).device
     dtype = parts.unet.dtype
-    scheduler = sampler.scheduler.from_config(parts.scheduler_config)
+    scheduler = sampler.scheduler.from_config(parts.scheduler.config)
     scheduler.set_timesteps(sampler.steps, device=device)
     guided = sampler.guidance_scale != 1.0
-    context = _embed(parts, prompts, device)
+    context = parts.encode_text(prompts).to(device)
     if guided:
-        context = torch.cat([_embed(parts, [sampler.negative_prompt] * len(prompts), device), context])
+        context = torch.cat([parts.encode_text([sampler.negative_prompt] * len(prompts)).to(device), context])
     side = sampler.resolution // 8
     channels = parts.unet.config.in_channels
     # One generator per image, on the CPU: the same seed gives the same noise on any device and in any batch.
@@ -100,3 +85,17 @@ def generate(parts: Parts, prompts: Sequence[str], seeds: Sequence[int], sampler
         # One image at a time: SD's float32 decoder needs GBs per 512² image, on top of the training state.
         images = torch.cat([parts.vae.decode(z[None]).sample for z in latents])
     return ((images + 1) / 2).clamp(0, 1)
+
+
+@contextmanager
+def adapters_off(networks: Iterable[Network]):
+    """The base model: every network at multiplier 0, restored after."""
+    networks = list(networks)
+    saved = [net.multiplier for net in networks]
+    try:
+        for net in networks:
+            net.multiplier = 0.0
+        yield
+    finally:
+        for net, value in zip(networks, saved):
+            net.multiplier = value

@@ -1,4 +1,4 @@
-"""Evaluation prompt suites (paper §4.1 and §5.2, DESIGN §6): what to generate for each (sub)class.
+"""Evaluation prompt suites (paper §4.1 and §5.2): what to generate for each (sub)class.
 
 Prompt types, per leaf concept:
 
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .data import Concept, build_caption
+from ..data import Concept, build_caption
 
 PromptType = Literal["train", "trigger", "alter", "style", "agnostic"]
 PROMPT_TYPES: tuple[PromptType, ...] = ("train", "trigger", "alter", "style", "agnostic")

@@ -23,8 +23,9 @@ from typing import Any
 import yaml
 from PIL import Image, ImageDraw
 
-from lycoflow.cache import cache_dir
-from lycoflow.data import MANIFEST, HierarchicalDataModule
+from ..cache import cache_dir
+from .datamodule import HierarchicalDataModule
+from .manifest import MANIFEST
 
 GENERATOR_VERSION = 1  # bump when the drawings change, so cached copies are recognised as stale
 MARKER = ".lycoflow-synthetic.json"
@@ -222,7 +223,7 @@ def write_dataset(folder: Path, seed: int = 0) -> None:
             image, tags = render(spec, i, seed)
             image.save(target / f"{i:03d}.png", format="PNG")
             (target / f"{i:03d}.txt").write_text(", ".join(tags) + "\n", encoding="utf-8")
-    header = "# The lycoflow quickstart dataset (lycoflow/synthetic.py). Schema: lycoflow/data.py.\n"
+    header = "# The lycoflow quickstart dataset (lycoflow/data/synthetic.py). Schema: lycoflow/data/manifest.py.\n"
     (folder / MANIFEST).write_text(header + yaml.safe_dump(MANIFEST_DATA, sort_keys=False, width=120),
                                    encoding="utf-8")
     (folder / MARKER).write_text(json.dumps(_marker(seed)) + "\n", encoding="utf-8")
@@ -239,7 +240,7 @@ def _read_marker(root: Path) -> dict[str, Any] | None:
         return None
 
 
-def generate(root: Path, seed: int = 0) -> Path:
+def ensure_dataset(root: Path, seed: int = 0) -> Path:
     """Generate the dataset into ``root`` unless it is already there; never leaves a half-written dataset.
 
     It is written into a temporary folder beside ``root`` and renamed, which is atomic on one filesystem.
@@ -289,7 +290,7 @@ class SyntheticConcepts(HierarchicalDataModule):
         self.dataset_seed = dataset_seed
 
     def prepare_data(self) -> None:
-        generate(Path(self.root).expanduser(), self.dataset_seed)
+        ensure_dataset(Path(self.root).expanduser(), self.dataset_seed)
 
     def setup(self, stage: str | None = None) -> None:
         # Outside a Trainer nobody calls prepare_data; generating is idempotent, so make sure here.

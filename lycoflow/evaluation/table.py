@@ -1,0 +1,77 @@
+"""The metrics table, ``<run>/metrics.csv``: one row per (checkpoint, concept, prompt type, metric), in the columns
+of `lycoflow.metrics.COLUMNS`; and `config_id`, its ``config`` column."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .. import MOVED
+from ..cache import atomic_path
+from ..metrics import COLUMNS
+from .measuring import ConceptValues
+
+# Recipe keys that differ between the seeds of one configuration (left out of its config id).
+_SEED_KEYS = (("model", "seed"), ("data", "init_args", "seed"), ("trainer", "default_root_dir"))
+
+
+def table_rows(values: Iterable[ConceptValues], run: str, config: str, seed: int, epoch: int, step: int
+               ) -> list[dict[str, object]]:
+    """The rows of one checkpoint's values."""
+    return [{"run": run, "config": config, "seed": seed, "epoch": epoch, "step": step,
+             "category": concept.prompt.category, "class": concept.prompt.class_name,
+             "subclass": concept.prompt.subclass, "prompt_type": concept.prompt.prompt_type, "metric": metric,
+             "value": value}
+            for concept in values for metric, value in concept.values.items()]
+
+
+def write_metrics(path: Path, rows: Sequence[dict[str, object]]) -> None:
+    """Add ``rows`` to the CSV table at ``path``, replacing earlier rows of the same run and epoch (a resumed
+    run re-evaluating an epoch), atomically."""
+    kept: list[dict[str, str]] = []
+    if path.is_file():
+        with open(path, newline="", encoding="utf-8") as f:
+            done = {(str(r["run"]), str(r["epoch"])) for r in rows}
+            kept = [r for r in csv.DictReader(f) if (r["run"], r["epoch"]) not in done]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        writer.writerows(rows)
+
+
+def config_id(recipe: str | None) -> str:
+    """A short digest of the resolved recipe without its seeds and run folder: one id per configuration."""
+    if not recipe:
+        return "unnamed"
+    # Only what is built counts: fit's own options (ckpt_path on a resume, ...) do not change the configuration.
+    config = {k: _old_class_paths(v) for k, v in (yaml.safe_load(recipe) or {}).items()
+              if k in ("model", "data", "trainer")}
+    for path in _SEED_KEYS:
+        node = config
+        for key in path[:-1]:
+            node = node.get(key, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def _old_class_paths(node: Any) -> Any:
+    """``node`` with every ``class_path`` in a moved module named by its old module (`lycoflow.MOVED`): runs
+    recorded before and after the move are one configuration."""
+    if isinstance(node, list):
+        return [_old_class_paths(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _old_class_paths(value) for key, value in node.items()}
+    path = out.get("class_path")
+    if isinstance(path, str):
+        out["class_path"] = next((old + path[len(new):] for old, new in MOVED.items()
+                                  if path.startswith(new + ".")), path)
+    return out
