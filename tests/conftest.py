@@ -1,6 +1,10 @@
 """Shared fixtures: tiny SD-1.x-architecture models built from config under a fixed seed (never downloaded)."""
 
 import os
+import re
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +51,26 @@ def tiny(tiny_sd_folder, synthetic_root):
         "--data.init_args.resolution=64", "--data.init_args.num_workers=0",
         "--trainer.precision=32-true", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
     ]
+
+
+def readme_modules() -> dict[str, str]:
+    """The README's Python blocks that start with ``# <name>.py`` (its "Extending" examples), by file name."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", readme, re.S)
+    return {m.group(1): block for block in blocks if (m := re.match(r"# (\w+\.py)", block))}
+
+
+@pytest.fixture
+def readme_examples(tmp_path, monkeypatch):
+    """The README's example modules (my_algos, my_models, my_data) written to a folder on sys.path, importable
+    by those names for one test (other tests write modules of the same names)."""
+    modules = readme_modules()
+    folder = tmp_path / "readme_examples"
+    folder.mkdir()
+    for name, code in modules.items():
+        (folder / name).write_text(textwrap.dedent(code), encoding="utf-8")
+        monkeypatch.delitem(sys.modules, name.removesuffix(".py"), raising=False)
+    monkeypatch.syspath_prepend(str(folder))
+    yield folder
+    for name in modules:
+        sys.modules.pop(name.removesuffix(".py"), None)

@@ -2,9 +2,6 @@
 class path, train with `lycoflow fit`, and `lycoflow evaluate` reads the file the user's algorithm wrote."""
 
 import csv
-import re
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -16,25 +13,7 @@ from lycoflow.lightning_cli import run_lightning
 ROOT = Path(__file__).parent.parent
 
 
-def readme_modules() -> dict[str, str]:
-    """The README's Python blocks that start with ``# <name>.py``, by file name."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
-    return {m.group(1): block for block in blocks if (m := re.match(r"# (\w+\.py)", block))}
-
-
-@pytest.fixture
-def user_modules(tmp_path, monkeypatch):
-    modules = readme_modules()
-    assert {"my_algos.py", "my_models.py", "my_data.py"} <= set(modules)
-    for name, code in modules.items():
-        (tmp_path / name).write_text(textwrap.dedent(code), encoding="utf-8")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    yield tmp_path
-    for name in modules:  # other tests write modules of the same names
-        sys.modules.pop(name.removesuffix(".py"), None)
-
-
-def test_the_readme_extensions_train_save_and_evaluate(user_modules, tiny_sd_folder, synthetic_root, tmp_path):
+def test_the_readme_extensions_train_save_and_evaluate(readme_examples, tiny_sd_folder, synthetic_root, tmp_path):
     run = tmp_path / "run"
     run_lightning(["fit", str(ROOT / "recipes" / "quickstart.yaml"),
                    "--model.base=my_models.MyCheckpoint", f"--model.base.init_args.folder={tiny_sd_folder}",
@@ -58,3 +37,43 @@ def test_the_readme_extensions_train_save_and_evaluate(user_modules, tiny_sd_fol
     for a, b in zip(again, trained):
         assert (a["class"], a["prompt_type"], a["metric"]) == (b["class"], b["prompt_type"], b["metric"])
         assert float(a["value"]) == pytest.approx(float(b["value"]), rel=0.05, abs=1e-3)
+
+
+def test_the_readme_metric_example_is_measured_and_ranked(monkeypatch, tmp_path):
+    import re
+
+    import torch
+
+    from lycoflow.analysis import analyze
+    from lycoflow.evaluation import measuring
+    from lycoflow.evaluation.prompts import EvalPrompt
+    from lycoflow.metrics import specs
+
+    block = re.search(r"```python\n# lycoflow/metrics/specs.py, in METRICS:\n(.*?)```",
+                      (ROOT / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    row, _, computation = [line.strip().rstrip(",") for line in block.splitlines()]
+    spec = eval(row, {"MetricSpec": specs.MetricSpec})
+    name, function = eval(f"({computation.replace(': lambda', ', lambda', 1)})")
+    assert spec.name == name and spec.criterion in specs.CRITERIA
+    # As if the two lines were added to their files: the evaluation computes it, the analysis ranks it by its row.
+    monkeypatch.setattr(measuring, "METRICS", (*specs.METRICS, spec))
+    monkeypatch.setitem(measuring.COMPUTATIONS, name, function)
+    monkeypatch.setitem(specs.BY_NAME, name, spec)
+    monkeypatch.setitem(specs.CRITERIA, spec.criterion, (*specs.CRITERIA[spec.criterion], name))
+    prompts = [EvalPrompt("shapes", "star", "", "trigger", i, "zqx star", "star", 0, i) for i in range(3)]
+    records = [measuring.Record(i, torch.full((4,), float(i + 1)), 0.5, None) for i in range(3)]
+    (values,) = measuring.metric_values(prompts, records, {"shapes/star": torch.ones(2, 4)})
+    assert values.values[name] == pytest.approx(float(torch.full((4,), 2.0).norm()))  # the mean embedding's norm
+
+    runs = []
+    for run, value in (("a", 1.0), ("b", 3.0)):
+        folder = tmp_path / "runs" / run
+        folder.mkdir(parents=True)
+        (folder / "metrics.csv").write_text(
+            ",".join(specs.COLUMNS) + f"\n{run},{run},0,1,10,shapes,star,,trigger,{name},{value}\n", encoding="utf-8")
+        runs.append(folder)
+    analyze(runs, tmp_path / "report")
+    with open(tmp_path / "report" / "scores.csv", newline="", encoding="utf-8") as f:
+        scores = {r["config"]: float(r["score"]) for r in csv.DictReader(f) if r["metric"] == name}
+    assert scores == {"a": 0.0, "b": 1.0}  # higher is better, as its row says
+    assert (tmp_path / "report" / f"ranking_{spec.criterion}.csv").read_text(encoding="utf-8").count("\n") >= 3

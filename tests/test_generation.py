@@ -5,7 +5,7 @@ import torch
 from diffusers import EulerAncestralDiscreteScheduler
 
 import lycoris
-from lycoflow.evaluation.sampling import Sampler, adapters_off, generate
+from lycoflow.evaluation.sampling import Sampler, adapters_off, sample
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import TinySD
 
@@ -23,32 +23,32 @@ def model(tiny_sd_folder):
 
 def test_an_image_depends_on_its_prompt_and_seed_only(model):
     sampler = Sampler(steps=3, resolution=32)
-    together = generate(model.components, PROMPTS, [1, 2, 3], sampler)
+    together = sample(model.components, PROMPTS, [1, 2, 3], sampler)
     assert together.shape == (3, 3, 32, 32) and together.dtype == torch.float32
     assert together.min() >= 0 and together.max() <= 1
-    alone = generate(model.components, PROMPTS[1:2], [2], sampler)
+    alone = sample(model.components, PROMPTS[1:2], [2], sampler)
     torch.testing.assert_close(alone[0], together[1], atol=1e-5, rtol=1e-4)
-    other_seed = generate(model.components, PROMPTS[1:2], [5], sampler)
+    other_seed = sample(model.components, PROMPTS[1:2], [5], sampler)
     assert (other_seed[0] - together[1]).abs().max() > 1e-2
 
 
 def test_multiplier_zero_generates_the_base_model(model, tiny_sd_folder):
     sampler = Sampler(steps=3, resolution=32, guidance_scale=1.0)
     with adapters_off(model.networks.values()):
-        off = generate(model.components, PROMPTS, [1, 2, 3], sampler)
+        off = sample(model.components, PROMPTS, [1, 2, 3], sampler)
     assert all(net.multiplier == 1.0 for net in model.networks.values())  # restored
-    adapted = generate(model.components, PROMPTS, [1, 2, 3], sampler)
+    adapted = sample(model.components, PROMPTS, [1, 2, 3], sampler)
     bare = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4, preset="attn-mlp"))
     for net in bare.networks.values():
         net.remove()
-    base = generate(bare.components, PROMPTS, [1, 2, 3], sampler)
+    base = sample(bare.components, PROMPTS, [1, 2, 3], sampler)
     torch.testing.assert_close(off, base, atol=1e-6, rtol=1e-5)
     assert (adapted - base).abs().max() > 1e-2
 
 
 def test_ancestral_samplers_are_deterministic_too(model):
     sampler = Sampler(scheduler=EulerAncestralDiscreteScheduler, steps=3, resolution=32)
-    first, second = (generate(model.components, PROMPTS[:2], [7, 8], sampler) for _ in range(2))
+    first, second = (sample(model.components, PROMPTS[:2], [7, 8], sampler) for _ in range(2))
     torch.testing.assert_close(first, second, atol=0, rtol=0)
 
 

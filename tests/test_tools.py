@@ -6,7 +6,6 @@ import csv
 import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from safetensors import safe_open
 import lycoris
 from lycoflow import tools
 from lycoflow.evaluation import load_png, quantize
-from lycoflow.evaluation.sampling import Sampler, generate
+from lycoflow.evaluation.sampling import Sampler, sample
 from lycoflow.models import BaseModelError, Pretrained
 from lycoflow.tools import extract, main_extract, main_generate, main_merge, merge, parse_adapter
 from lycoflow.tools.convert import save_single_file
@@ -111,7 +110,7 @@ def test_generate_equals_the_file_loaded_by_hand(tiny_sd_folder, lora, tmp_path)
 
     parts = Pretrained(str(tiny_sd_folder)).load()
     lycoris.load_file(lora, {"lora_unet": parts.unet, "lora_te": parts.text_encoder}, multiplier=0.7)
-    expected = quantize(generate(parts, prompts, seeds, sampler))
+    expected = quantize(sample(parts, prompts, seeds, sampler))
     ours = torch.stack([load_png(tmp_path / r["file"]) for r in rows])
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
 
@@ -174,48 +173,15 @@ def test_merge_adds_each_file_at_its_weight(tiny_sd_folder, lora, locon, tmp_pat
 
 
 # -- a user's algorithm ---------------------------------------------------------------------------------
-#: The README's worked example: an algorithm outside lycoris, which names the adapter that reads its files.
-USER_ALGORITHM = '''
-import torch
-from torch import nn
-import lycoris
 
-
-class ScaledDiffAdapter(lycoris.Adapter):
-    signature = ("sdiff",)
-
-    def __init__(self, base, **common):
-        super().__init__(base, **common)
-        self.sdiff = nn.Parameter(torch.zeros_like(base.weight))
-        self.s = nn.Parameter(torch.ones(()))
-
-    def _delta(self):
-        return self.s * self.sdiff
-
-    @classmethod
-    def from_state_dict(cls, base, tensors):
-        return cls(base)
-
-
-class ScaledDiff(lycoris.Strategy):
-    adapter_class = ScaledDiffAdapter
-
-    def make_adapter(self, layer, dim, alpha):
-        return ScaledDiffAdapter(layer, **self.common())
-'''
-
-
-def test_generate_and_merge_read_a_users_algorithm_by_import_path(tiny_sd_folder, tmp_path, monkeypatch):
-    (tmp_path / "tool_algos.py").write_text(USER_ALGORITHM)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "tool_algos", raising=False)
-    algos = importlib.import_module("tool_algos")
+def test_generate_and_merge_read_a_users_algorithm_by_import_path(tiny_sd_folder, tmp_path, readme_examples):
+    algos = importlib.import_module("my_algos")  # the README's worked example
     file = make_adapter(tiny_sd_folder, tmp_path / "scaled.safetensors", algos.ScaledDiff(preset="attn-only"), seed=3)
     common = ["--base", str(tiny_sd_folder), "--adapter", f"{file}:0.5"]
     merged_file = ["--out-file", str(tmp_path / "merged.safetensors"), "--dtype", "float32"]
     with pytest.raises(ValueError, match=r"no known algorithm has the keys \['s', 'sdiff'\]"):
         main_merge([*common, *merged_file])
-    mine = ["--algorithm", "tool_algos.ScaledDiff"]
+    mine = ["--algorithm", "my_algos.ScaledDiff"]
     assert main_merge([*common, *mine, *merged_file]) == 0
     assert main_generate([*common, *mine, "--prompt", PROMPTS[0], "--device", "cpu", *FAST,
                           "--out", str(tmp_path / "images")]) == 0
@@ -226,7 +192,7 @@ def test_generate_and_merge_read_a_users_algorithm_by_import_path(tiny_sd_folder
     merged = Pretrained(str(tmp_path / "merged.safetensors"), config=str(tiny_sd_folder)).load()
     for key, value in outputs(merged).items():
         torch.testing.assert_close(value, expected[key], atol=1e-4, rtol=0, msg=key)
-    image = quantize(generate(attached, PROMPTS[:1], [0], Sampler(steps=2, resolution=32)))[0]
+    image = quantize(sample(attached, PROMPTS[:1], [0], Sampler(steps=2, resolution=32)))[0]
     torch.testing.assert_close(load_png(tmp_path / "images" / "0-0-0.png"), image, atol=1e-6, rtol=0)
 
 

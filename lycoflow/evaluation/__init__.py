@@ -3,7 +3,7 @@
 Modules, bottom to top (each imports only from those before it):
 
 - ``prompts``: the prompt suites of each (sub)class and prompt type, with their seeds (:func:`build_suite`).
-- ``sampling``: text-to-image sampling with the adapters attached (:class:`Sampler`, :func:`generate`).
+- ``sampling``: text-to-image sampling with the adapters attached (:class:`Sampler`, `sample`).
 - ``images``: the suite's images on disk (8-bit PNGs) and where each one goes.
 - ``measuring``: generating a rank's share of the suite, its records, the metric values (:data:`COMPUTATIONS`).
 - ``table``: ``metrics.csv`` and its ``config`` column (:func:`config_id`).
@@ -14,11 +14,11 @@ from .evaluator import EvaluationResult, Evaluator
 from .images import load_png, quantize, save_png
 from .measuring import COMPUTATIONS, MetricEncoders, Record
 from .prompts import ALTER_TEMPLATES, PROMPT_TYPES, STYLE_TEMPLATES, EvalPrompt, PromptType, build_suite
-from .sampling import Sampler, adapters_off, generate
+from .sampling import Sampler, adapters_off, sample
 from .table import config_id, write_metrics
 
 __all__ = [
     "ALTER_TEMPLATES", "COMPUTATIONS", "PROMPT_TYPES", "STYLE_TEMPLATES", "EvalPrompt", "EvaluationResult",
     "Evaluator", "MetricEncoders", "PromptType", "Record", "Sampler", "adapters_off", "build_suite", "config_id",
-    "generate", "load_png", "quantize", "save_png", "write_metrics",
+    "load_png", "quantize", "sample", "save_png", "write_metrics",
 ]

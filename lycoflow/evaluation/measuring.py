@@ -36,7 +36,7 @@ from ..metrics.functional import (
 from ..models import Components
 from .images import base_image_path, image_path, load_png, save_png
 from .prompts import EvalPrompt
-from .sampling import Sampler, adapters_off, generate
+from .sampling import Sampler, adapters_off, sample
 
 
 @dataclass
@@ -71,7 +71,7 @@ def generate_images(components: Components, prompts: Sequence[EvalPrompt], sampl
     with tqdm(total=len(todo), desc=description, unit="img", disable=not show or not todo,
               dynamic_ncols=True) as bar:
         for chunk in batches(todo, sampler.batch_size):
-            images = generate(components, [p.prompt for p, _ in chunk], [p.seed for p, _ in chunk], sampler)
+            images = sample(components, [p.prompt for p, _ in chunk], [p.seed for p, _ in chunk], sampler)
             for image, (_, path) in zip(images, chunk):
                 save_png(image, path)
             bar.update(len(chunk))

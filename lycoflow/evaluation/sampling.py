@@ -52,10 +52,10 @@ class Sampler:
 
 
 @torch.no_grad()
-def generate(parts: Components, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler) -> Tensor:
+def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], sampler: Sampler) -> Tensor:
     """Images ``[n, 3, r, r]`` in [0, 1] (float32, on the model's device), one per (prompt, seed), in one batch."""
     if len(prompts) != len(seeds):
-        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+        raise ValueError(f"sample: {len(prompts)} prompts but {len(seeds)} seeds")
     device = next(parts.unet.parameters()).device
     dtype = parts.unet.dtype
     scheduler = sampler.scheduler.from_config(parts.scheduler.config)

@@ -137,7 +137,7 @@ def generate(
     with tqdm(total=len(rows), desc="generating", unit="img", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(rows), sampler.batch_size):
             batch = rows[start:start + sampler.batch_size]
-            images = sampling.generate(parts, [r["prompt"] for r in batch], [r["seed"] for r in batch], sampler)
+            images = sampling.sample(parts, [r["prompt"] for r in batch], [r["seed"] for r in batch], sampler)
             for image, row in zip(images, batch):
                 save_png(image, out / row["file"])
             bar.update(len(batch))
