@@ -125,13 +125,15 @@ def clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
 
 
 def tiny_components(seed: int = 0) -> Components:
-    """Every part of a tiny SD 1.x model, built from config under ``seed``."""
+    """Every part of a tiny SD 1.x model, built from config under ``seed``; torch's global random state is left
+    as it was (a run that builds the model on first use must train exactly like one that reads it back)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = clip_tokenizer(tmp)
-    return Components(
-        unet=tiny_unet(seed), vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)),
-        tokenizer=tokenizer, scheduler=sd_scheduler(),
-    )
+    with torch.random.fork_rng(devices=[]):
+        return Components(
+            unet=tiny_unet(seed), vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)),
+            tokenizer=tokenizer, scheduler=sd_scheduler(),
+        )
 
 
 def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
