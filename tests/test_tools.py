@@ -327,6 +327,25 @@ def test_help_has_examples(entry, capsys):
     assert text.startswith("usage: lycoflow ") and "examples:" in text
 
 
+def test_existing_outputs_are_replaced_only_with_overwrite(tiny_sd_folder, lora, tuned, tmp_path):
+    # Through the real command line: exit 2, the file named, the file untouched; --overwrite replaces it.
+    from lycoflow.cli import main
+
+    merged, extracted = tmp_path / "merged.safetensors", tmp_path / "extracted.safetensors"
+    for path in (merged, extracted):
+        path.write_bytes(b"the user's own file")
+    commands = {merged: ["merge", "--base", str(tiny_sd_folder), "--adapter", str(lora), "--out-file", str(merged)],
+                extracted: ["extract", "--base", str(tiny_sd_folder), "--tuned", str(tuned[0]), "--config",
+                            str(tiny_sd_folder), "--rank", "2", "--out", str(extracted)]}
+    for path, command in commands.items():
+        assert main(command) == 2
+        assert path.read_bytes() == b"the user's own file"
+        assert main([*command, "--overwrite"]) == 0
+        with safe_open(str(path), "pt") as f:
+            assert len(list(f.keys())) > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
 def test_adapter_weights_parse():
     assert parse_adapter("a.safetensors:0.5") == (Path("a.safetensors"), 0.5)
     assert parse_adapter("a.safetensors") == (Path("a.safetensors"), 1.0)

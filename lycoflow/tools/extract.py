@@ -20,7 +20,7 @@ from lycoris.targeting import Preset, lycoris_name
 
 from .. import __version__
 from ..models import DTYPES, DType
-from .options import add_parameters, command_parser, default_device, help_requested, load_base
+from .options import add_parameters, command_parser, default_device, help_requested, load_base, refuse_existing
 
 
 @dataclass
@@ -78,6 +78,7 @@ def extract(
     config: str | None = None,
     device: str | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Extracted:
     """Extract a LoRA/LoCon adapter file from a fine-tuned model by SVD of its difference from the base model.
 
@@ -103,9 +104,11 @@ def extract(
             describe them (needed offline).
         device: where the SVDs run; default: cuda when available, else cpu.
         progress: show a progress bar.
+        overwrite: replace ``out`` if it exists (otherwise an existing file is an error).
     """
     out = Path(out)
     _check_extract(rank, energy, conv_rank, preset, min_diff, out, dtype)
+    refuse_existing(out, "--out", overwrite)
     base_parts, tuned_parts = load_base(base, config), load_base(tuned, config)
     target = torch.device(device or default_device())
     tuned_models = tuned_parts.adaptable()

@@ -23,17 +23,22 @@ from .options import (
     help_requested,
     load_base,
     reading_algorithms,
+    refuse_existing,
 )
 
 
-def _check_outputs(out_diffusers: str | os.PathLike | None, out_file: str | os.PathLike | None) -> None:
+def _check_outputs(out_diffusers: str | os.PathLike | None, out_file: str | os.PathLike | None,
+                   overwrite: bool) -> None:
     if (out_diffusers is None) == (out_file is None):
         raise ValueError("give exactly one output: --out-diffusers DIR (a diffusers folder) or --out-file "
                          "FILE.safetensors (one file for A1111/ComfyUI)")
     if out_file is not None and Path(out_file).suffix.lower() != ".safetensors":
         raise ValueError(f"--out-file {out_file}: name a .safetensors file")
+    if out_file is not None:
+        refuse_existing(out_file, "--out-file", overwrite)
     if out_diffusers is not None and Path(out_diffusers).exists() and (
             not Path(out_diffusers).is_dir() or any(Path(out_diffusers).iterdir())):
+        # Replacing a folder would delete what the user keeps in it: not even with --overwrite.
         raise ValueError(f"--out-diffusers {out_diffusers} already exists and is not empty: name a new folder "
                          "(or delete it first)")
 
@@ -80,6 +85,7 @@ def merge(
     dtype: DType = "float16",
     config: str | None = None,
     algorithms: Sequence[str | lycoris.Algorithm] = (),
+    overwrite: bool = False,
 ) -> tuple[Path, dict[str, int]]:
     """Bake LyCORIS/LoRA adapter files into a base model and save the merged model.
 
@@ -99,11 +105,12 @@ def merge(
             describe it (needed offline).
         algorithms: algorithms of your own that the files may hold, tried before lycoris' own: `lycoris.Strategy`
             or `lycoris.Adapter` classes, or their import paths ``module.Class`` (the option repeated for more).
+        overwrite: replace an existing ``out_file`` (otherwise it is an error, before anything is loaded).
 
     Returns:
         The path written, and the number of layers changed per file prefix (``lora_unet``, ``lora_te``).
     """
-    _check_outputs(out_diffusers, out_file)
+    _check_outputs(out_diffusers, out_file, overwrite)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     files = checked_adapters(adapters, required=True)

@@ -52,6 +52,12 @@ def command_parser(name: str, command: Callable[..., object], examples: str) -> 
                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+def refuse_existing(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
+    """A command writes over a file it did not create only when told to: before any model is loaded."""
+    if not overwrite and Path(path).exists():
+        raise ValueError(f"{flag} {path} already exists: pass --overwrite to replace it, or name another path")
+
+
 def parse_adapter(spec: str) -> tuple[Path, float]:
     """``FILE[:WEIGHT]`` → (file, weight). The text after the last colon is a weight only if it is a number, so
     paths with colons (``C:\\loras\\a.safetensors``) still work."""
@@ -75,8 +81,10 @@ _METAVARS = {int: "N", float: "X"}
 
 
 def _value_type(hint: Any) -> dict[str, Any]:
-    """argparse's ``type`` (or ``choices``) for an annotation: a Literal's values, else its one non-None type
-    (``str`` for a path: functions take either)."""
+    """argparse's ``type`` (or ``choices``) for an annotation: a Literal's values, a flag for a bool, else its one
+    non-None type (``str`` for a path: functions take either)."""
+    if hint is bool:
+        return {"action": "store_true"}
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] if union else [hint]
     if typing.get_origin(kinds[0]) is Literal:
@@ -105,7 +113,7 @@ def add_parameters(parser: argparse.ArgumentParser, command: Callable[..., objec
         spelling = dict(spellings.get(name, {}))
         flags = spelling.pop("flags", (f"--{name.replace('_', '-')}",))
         derived = {} if "type" in spelling or "choices" in spelling else _value_type(hints[name])
-        shown = param.default not in (param.empty, None, (), [])
+        shown = param.default is not False and param.default not in (param.empty, None, (), [])  # a flag: off
         help_text = _text(docs.get(name)) + (f" (default: {_shown(param.default)})" if shown else "")
         options = {"dest": name, "default": argparse.SUPPRESS, "required": param.default is param.empty,
                    "help": help_text, **derived, **spelling}
