@@ -80,6 +80,10 @@ class DiffusionFinetune(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        for name, rate in (("lr", lr), ("text_encoder_lr", text_encoder_lr)):
+            if rate is not None and not rate > 0:  # checked before the base model loads; NaN fails too
+                raise ValueError(f"model.{name}={rate} must be > 0 (the paper: 5e-4 for adapters, 1e-6 for native "
+                                 "fine-tuning); to freeze the text encoder set model.train_text_encoder=false")
         parts = base.load()
         self.base_source, self.adapter = base, adapter
         self.base_version = parts.version

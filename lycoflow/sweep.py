@@ -94,14 +94,27 @@ def variant_name(group: str, changes: dict[str, Any]) -> str:
     return group + "-" + "+".join(f"{key.rsplit('.', 1)[-1]}_{_label(value)}" for key, value in changes.items())
 
 
+#: The keys a sweep file and each of its `configs` entries may hold.
+_FILE_KEYS = ("name", "seeds", "root", "configs")
+_ENTRY_KEYS = ("name", "recipes", "set", "vary")
+
+
+def _known_keys(mapping: dict[str, Any], known: Sequence[str], where: str) -> None:
+    unknown = sorted(str(k) for k in mapping if k not in known)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(known)}")
+
+
 def load_sweep(path: Path, root: Path | None = None) -> list[SweepRun]:
-    """Read and check a sweep file; every run in order (configuration-major, then seed)."""
+    """Read and check a sweep file; every run in order (configuration-major, then seed). A misspelt key is an
+    error: ignoring it would drop variants or seeds without a word."""
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise ValueError(f"sweep file {path}: {err}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("configs"), list) or not spec["configs"]:
         raise ValueError(f"sweep file {path}: needs `configs:`, a list of {{name, recipes, vary}} entries")
+    _known_keys(spec, _FILE_KEYS, f"sweep file {path}")
     name = str(spec.get("name") or path.stem)
     seeds = spec.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
@@ -114,6 +127,7 @@ def load_sweep(path: Path, root: Path | None = None) -> list[SweepRun]:
         where = f"sweep file {path}: configs[{i}]"
         if not isinstance(entry, dict) or not entry.get("name") or not entry.get("recipes"):
             raise ValueError(f"{where} needs `name` and `recipes`")
+        _known_keys(entry, _ENTRY_KEYS, where)
         recipes = tuple(str((path.parent / r).resolve()) for r in entry["recipes"])
         for recipe in recipes:
             if not Path(recipe).is_file():

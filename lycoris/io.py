@@ -182,6 +182,8 @@ def _read(
         tensors = _load_tensors(str(path))
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if not tensors:  # would load, generate and merge as if it were an adapter, changing nothing
+        raise ValueError(f"{path}: holds no tensors, so no adapter: was it saved from an untrained or empty network?")
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{path}: refusing to load: NaN/inf values in {len(bad)} tensor(s), e.g. {bad[:3]}")

@@ -129,6 +129,12 @@ def test_bad_files_are_refused_with_the_key_at_fault(tmp_path, unet):
         lycoris.load_file(tmp_path / "junk.safetensors", {"lora_unet": unet})
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         lycoris.load_file(tmp_path / "missing.safetensors", {"lora_unet": unet})
+    write_tensors({}, tmp_path / "empty.safetensors", metadata={"ss_network_dim": "8"})
+    empty = tmp_path / "empty.safetensors"
+    with pytest.raises(ValueError, match="empty.safetensors: holds no tensors, so no adapter"):
+        lycoris.load_file(empty, {"lora_unet": unet})
+    with pytest.raises(ValueError, match="empty.safetensors: holds no tensors, so no adapter"):
+        lycoris.merge_into({"lora_unet": unet}, [(empty, 1.0)])
 
 
 def test_save_is_atomic(tmp_path, unet):

@@ -225,6 +225,8 @@ def test_wandb_runs_offline_by_itself_and_never_stops_training(mode, tiny, tmp_p
     (["--model.adapter.init_args.preset=everything"], "Given value: everything"),
     (["--model.base.init_args.path=/nonexistent/sd.safetensors"], "checkpoint not found: /nonexistent/sd.safetensors"),
     (["--model.adapter.init_args.dim=0"], "LoRA: dim=0 must be >= 1"),
+    (["--model.lr=0"], "model.lr=0.0 must be > 0"),
+    (["--model.text_encoder_lr=-1e-4"], "model.text_encoder_lr=-0.0001 must be > 0"),
 ])
 def test_user_errors_are_one_clear_message(args, message, capsys):
     assert main(["fit", "recipes/lora.yaml", "--data.init_args.root=/nonexistent", "--trainer.logger=false",

@@ -58,6 +58,8 @@ def test_emit_writes_commands_a_slurm_array_and_a_wandb_sweep(tmp_path, capsys):
     ("seeds: [-1]\nconfigs:\n  - {name: a, recipes: [REC]}\n", "`seeds` must be a list of integers >= 0"),
     ("configs:\n  - {name: a, recipes: [REC], vary: [{model.lr: 0.1}, {model.lr: 0.1}]}\n", "appears twice"),
     ("configs:\n  - {name: a, recipes: [REC], vary: [model.lr]}\n", "`vary` must be a list of non-empty"),
+    ("configs:\n  - {name: a, recipes: [REC], varry: [{model.lr: 0.1}]}\n", "configs[0]: unknown key(s) varry"),
+    ("seed: [0, 1]\nconfigs:\n  - {name: a, recipes: [REC]}\n", "unknown key(s) seed; the keys are name, seeds"),
 ])
 def test_bad_sweep_files_are_named(text, message, tmp_path, capsys):
     path = tmp_path / "s.yaml"
