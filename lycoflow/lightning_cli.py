@@ -104,9 +104,12 @@ def run_lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
         if not Path(recipe).is_file():
             raise FileNotFoundError(f"recipe not found: {recipe}")
         try:  # jsonargparse would report a YAML error without the file's name
-            yaml.safe_load(Path(recipe).read_text())
+            sections = yaml.safe_load(Path(recipe).read_text())
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             raise ValueError(f"recipe {recipe} is not valid YAML: {err}") from None
+        if not isinstance(sections, dict):  # jsonargparse says only "Unexpected config"
+            raise ValueError(f"recipe {recipe} is {'empty' if sections is None else 'not a mapping'}: a recipe "
+                             "holds sections such as model:, data:, trainer: (see recipes/lora.yaml)")
     args = [command, *(a for r in recipes for a in ("--config", r)), *rest]
     # We pass the rewritten command line as `args` on purpose (positional recipes become --config).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

@@ -190,6 +190,19 @@ def test_main_without_runs(tmp_path, capsys):
     assert not (tmp_path / "report").exists()
 
 
+def test_a_damaged_metrics_file_is_named(tmp_path, capsys):
+    for name, content in (("binary", b"\xb9\x00\xff" * 50), ("columns", b"run,value\na,1\n"),
+                          ("number", ",".join(COLUMNS).encode() + b"\na,b,0,one,1,c,d,,train,vendi_score,2\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_bytes(content)
+    assert main([str(tmp_path / n) for n in ("binary", "columns", "number")] + ["--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr()
+    printed = err.out + err.err
+    assert f"skipped {tmp_path / 'binary' / 'metrics.csv'}: not a readable CSV table" in printed
+    assert f"skipped {tmp_path / 'columns' / 'metrics.csv'} lacks the column(s) config" in printed
+    assert f"skipped {tmp_path / 'number' / 'metrics.csv'}, line 2: invalid literal for int()" in printed
+
+
 def test_without_the_optional_dependencies(tmp_path, monkeypatch):
     runs = write_runs(tmp_path / "runs")
     monkeypatch.setitem(sys.modules, "catboost", None)  # import catboost now raises ImportError

@@ -242,6 +242,10 @@ def test_unreadable_recipes_are_named(tmp_path, capsys):
     bad.write_text("model:\n  lr: [1, 2\n")
     assert main(["fit", str(bad)]) == 2
     assert f"recipe {bad} is not valid YAML" in capsys.readouterr().err
+    for text, what in (("", "empty"), ("# only a comment\n", "empty"), ("- model\n", "not a mapping")):
+        bad.write_text(text)
+        assert main(["fit", str(bad)]) == 2
+        assert f"recipe {bad} is {what}: a recipe holds sections" in capsys.readouterr().err
     assert main(["fitt"]) == 2 and "unknown command 'fitt'" in capsys.readouterr().err
 
 

@@ -101,21 +101,30 @@ def read_metrics(folder: Path) -> tuple[list[Row], int]:
     """The rows of ``folder``'s metrics.csv, and how many non-finite values were left out.
 
     Raises:
-        ValueError: the file lacks a column or holds a number that does not parse.
+        ValueError: naming the file: it cannot be read as a CSV table, lacks a column or holds a number that
+            does not parse.
     """
+    try:
+        return _read_metrics(folder / METRICS_FILE)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:  # the file itself is damaged, not one value
+        raise ValueError(f"{folder / METRICS_FILE}: not a readable CSV table ({err})") from None
+
+
+def _read_metrics(path: Path) -> tuple[list[Row], int]:
+    folder = path.parent
     rows: list[Row] = []
     dropped = 0
-    with open(folder / METRICS_FILE, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{folder / METRICS_FILE} lacks the column(s) {', '.join(missing)}")
+            raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}")
         for line, r in enumerate(reader, start=2):
             try:
                 value = float(r["value"])
                 epoch, step = int(r["epoch"]), int(r["step"])
             except ValueError as err:
-                raise ValueError(f"{folder / METRICS_FILE}, line {line}: {err}") from None
+                raise ValueError(f"{path}, line {line}: {err}") from None
             if not math.isfinite(value):
                 dropped += 1
                 continue
@@ -193,8 +202,8 @@ def load(paths: Sequence[Path], log: Callable[[str], None]) -> Dataset:
     for folder in folders:
         try:
             found, dropped = read_metrics(folder)
-        except (OSError, ValueError, csv.Error) as err:
-            notes.append(f"{folder}: unreadable ({err})")
+        except ValueError as err:  # names the file and what is wrong with it
+            notes.append(str(err))
             log(f"skipped {notes[-1]}")
             continue
         if dropped:
