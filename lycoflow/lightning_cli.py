@@ -78,6 +78,9 @@ class LycoflowCLI(LightningCLI):
     def _bind_run_folder(self) -> None:
         """Loggers the recipe left without a folder or name write to the run folder and take its name."""
         run = Path(self.trainer.default_root_dir)
+        if run.exists() and not run.is_dir():  # else the first write into it fails deep in a library
+            raise ValueError(f"trainer.default_root_dir {run} is a file, not a folder: name a folder for the run "
+                             "(--trainer.default_root_dir=runs/NAME)")
         config = self.config[self.subcommand] if self.subcommand else self.config  # None: built without running
         logger_config = config["trainer"].get("logger")
         init_args = getattr(logger_config, "init_args", None) or {}

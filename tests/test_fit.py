@@ -249,6 +249,15 @@ def test_unreadable_recipes_are_named(tmp_path, capsys):
     assert main(["fitt"]) == 2 and "unknown command 'fitt'" in capsys.readouterr().err
 
 
+def test_a_run_folder_that_is_a_file_is_named(tiny, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("the user's own file")
+    assert main(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={taken}"]) == 2
+    err = capsys.readouterr().err
+    assert f"trainer.default_root_dir {taken} is a file, not a folder" in err and "Traceback" not in err
+    assert taken.read_text() == "the user's own file"
+
+
 def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
