@@ -305,6 +305,21 @@ def test_corrupt_files_are_named_or_skipped_and_listed(tmp_path, capsys):
     assert f"{folder / 'garbage.png'}: unreadable image: cannot identify image file" in printed
 
 
+def test_broken_links_and_link_loops_are_named_or_skipped(tmp_path):
+    root = make_tree(tmp_path / "data", {"a/x": 2, "b/y": 2})
+    (root / "a" / "x" / "gone.png").symlink_to(tmp_path / "deleted.png")  # a dangling link to an image
+    (root / "b" / "y" / "again").symlink_to(root / "b")  # a folder linking to one above it
+    with pytest.raises(ValueError, match=f"{root / 'a' / 'x' / 'gone.png'}: broken symlink: its target "):
+        module(root)
+    (root / "a" / "x" / "gone.png").unlink()
+    with pytest.raises(ValueError, match=f"{root / 'b' / 'y' / 'again'}: symlink loop: links back to "):
+        module(root)
+    (root / "a" / "x" / "gone.png").symlink_to(tmp_path / "deleted.png")
+    dm = module(root, on_bad_file="skip")
+    assert sorted(p.name for p, _ in dm.skipped) == ["again", "gone.png"]
+    assert [len(c.images) for c in dm.concepts] == [2, 2]
+
+
 def test_setup_table_lists_images_repeats_and_shares(tmp_path, capsys):
     module(make_tree(tmp_path, {"a/x": 4, "a/y": 1, "b/z/s": 2}), repeats={"a/y": 3})
     rows = [line for line in capsys.readouterr().out.splitlines() if "│" in line]

@@ -60,9 +60,11 @@ def scan(root: Path, caption_extension: str = ".txt", on_bad_file: OnBadFile = "
                                 f"laid out as {_LAYOUT}/images")
     if any(_is_image(p.name) for p in root.iterdir() if p.is_file()):
         raise ValueError(f"{root} holds images directly; move them into class folders ({_LAYOUT}/images)")
-    folders = _walk(root)
+    folders, broken = _walk(root)
     manifest = _read_manifest(root, folders)
     skipped: list[tuple[Path, str]] = []
+    for path, reason in broken:
+        _bad(path, reason, on_bad_file, skipped)
     for folder in folders:
         if folder.is_leaf and not folder.images:
             _bad(folder.path, f"empty class folder: no images ({', '.join(sorted(IMAGE_EXTENSIONS))})",
@@ -105,13 +107,27 @@ def _read_manifest(root: Path, folders: Sequence[_Folder]) -> dict[str, dict[str
     return manifest
 
 
-def _walk(root: Path) -> list[_Folder]:
-    """Every non-hidden folder under root (root excluded), depth first in name order."""
+def _walk(root: Path) -> tuple[list[_Folder], list[tuple[Path, str]]]:
+    """Every non-hidden folder under root (root excluded), depth first in name order; and the links that lead
+    nowhere (a broken symlink, a folder linking back to one above it), which are bad files, not silence or a
+    crash."""
     folders: list[_Folder] = []
+    broken: list[tuple[Path, str]] = []
 
-    def visit(path: Path, raw: tuple[str, ...], parts: tuple[str, ...], repeats: int | None) -> None:
+    def visit(path: Path, raw: tuple[str, ...], parts: tuple[str, ...], repeats: int | None,
+              above: frozenset[str]) -> None:
         entries = sorted(os.scandir(path), key=lambda e: e.name)
-        subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+        for e in entries:
+            if e.is_symlink() and not os.path.exists(e.path) and not e.name.startswith("."):
+                broken.append((Path(e.path), f"broken symlink: its target {os.readlink(e.path)} does not exist"))
+        subdirs = []
+        for e in entries:
+            if e.is_dir() and not e.name.startswith("."):
+                if os.path.realpath(e.path) in above:
+                    broken.append((Path(e.path), f"symlink loop: links back to {os.path.realpath(e.path)}, a folder "
+                                                 "above it"))
+                else:
+                    subdirs.append(e)
         images = tuple(Path(e.path) for e in entries if e.is_file() and _is_image(e.name))
         if raw:
             folders.append(_Folder(path, raw, parts, images, repeats, is_leaf=not subdirs))
@@ -120,10 +136,10 @@ def _walk(root: Path) -> list[_Folder]:
             holds_images = any(_is_image(name) for name in os.listdir(sub.path))
             match = _KOHYA.match(sub.name) if holds_images else None
             name, count = (match.group(2), int(match.group(1))) if match else (sub.name, None)
-            visit(Path(sub.path), raw + (sub.name,), parts + (name,), count)
+            visit(Path(sub.path), raw + (sub.name,), parts + (name,), count, above | {os.path.realpath(sub.path)})
 
-    visit(root, (), (), None)
-    return folders
+    visit(root, (), (), None, frozenset({os.path.realpath(root)}))
+    return folders, broken
 
 
 def _is_image(name: str) -> bool:
