@@ -30,14 +30,14 @@ MOVED: dict[str, str] = {
 class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """Resolves an old module name to the module that replaced it, imported only when asked for."""
 
-    def find_spec(self, name, path=None, target=None):  # noqa: ANN001 - the import system's signature
+    def find_spec(self, name, path=None, target=None):
         return importlib.util.spec_from_loader(name, self) if name in MOVED else None
 
-    def create_module(self, spec):  # noqa: ANN001
+    def create_module(self, spec):
         return importlib.import_module(MOVED[spec.name])
 
-    def exec_module(self, module) -> None:  # noqa: ANN001 - already executed under its new name
-        pass
+    def exec_module(self, module) -> None:
+        pass  # already executed, under its new name
 
 
 sys.meta_path.append(_Moved())

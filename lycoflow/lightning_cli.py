@@ -190,7 +190,7 @@ def evaluate(argv: list[str]) -> Path:
     # The recipe's algorithm may be a user's: its adapter class reads the file, tried before the built-in ones
     # (which could claim its keys too); a user's strategy that names no adapter class has the built-in ones only.
     own = getattr(model.adapter, "adapter_class", None)
-    algorithms = lycoris.ALGORITHMS if own is None or own in lycoris.ALGORITHMS else (own, *lycoris.ALGORITHMS)
+    algorithms = (own, *lycoris.ALGORITHMS) if own else lycoris.ALGORITHMS
     networks = lycoris.load_file(adapter, model.components.adaptable(), multiplier=options.multiplier,
                                  algorithms=algorithms)
     model.to(options.device).eval()

@@ -205,6 +205,7 @@ class Evaluator:
                 grid.append((image_path(folder, prompt), prompt.prompt))
         return grids
 
+
 def gather(records: list[Record], world: int) -> list[Record]:
     """Every rank's records, on every rank (DDP); the records themselves when alone."""
     if world == 1 or not dist.is_available() or not dist.is_initialized():
