@@ -7,7 +7,7 @@
 Note: the PyPI package ``lycoris-lora`` installs an import package of the same name; this one replaces it.
 """
 
-from .base import Adapter, Network, Strategy
+from .base import Adapter, Decomposable, Network, Strategy
 from .boft import BOFT, BOFTAdapter
 from .dylora import DyLoRA, DyLoRAAdapter
 from .extract import (
@@ -31,7 +31,7 @@ from .oft import OFT, OFTAdapter
 from .targeting import PRESETS
 
 __all__ = [
-    "ALGORITHMS", "Adapter", "Algorithm", "BOFT", "BOFTAdapter", "DyLoRA", "DyLoRAAdapter", "Full", "FullAdapter",
+    "ALGORITHMS", "Adapter", "Algorithm", "BOFT", "Decomposable", "BOFTAdapter", "DyLoRA", "DyLoRAAdapter", "Full", "FullAdapter",
     "GLoRA", "GLoRAAdapter", "IA3", "IA3Adapter", "LayerExtraction", "LayerPair", "LoHa", "LoHaAdapter", "LoKr",
     "LoKrAdapter", "LoRA", "LoRAAdapter", "Network", "OFT", "OFTAdapter", "PRESETS", "Strategy", "adapter_classes",
     "butterfly_factor", "changed_tensors", "extract_layer", "factorization", "kohya_metadata", "layer_pairs",

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import column_norm, kernel_size, layer_op, rank_mask, row_norm, weight_decompose
+from .functional import column_norm, kernel_size, layer_op, per_row, rank_mask, row_norm, weight_decompose
 from .targeting import PRESETS, Preset, lycoris_name, matches, supported_layers
 
 
@@ -33,8 +33,8 @@ class Adapter(nn.Module):
         dropout: elementwise dropout on the adapter's contribution while training.
         rank_dropout: dropout over rank channels (output rows for weight-space algorithms) while training.
         module_dropout: probability of skipping the whole adapter for a training step.
-        weight_decompose: DoRA: learn a per-output-row magnitude (``dora_scale``) on top of ΔW.
-        dora_on_input: DoRA magnitudes per input column instead (only to read such files).
+        weight_decompose: DoRA: learn a magnitude (``dora_scale``) per input column on top of ΔW.
+        dora_on_output: DoRA magnitudes per output row instead (see `Decomposable`).
     """
 
     #: File suffixes whose presence identifies this algorithm (checked by `lycoris.load_file`).
@@ -51,7 +51,7 @@ class Adapter(nn.Module):
         rank_dropout: float = 0.0,
         module_dropout: float = 0.0,
         weight_decompose: bool = False,
-        dora_on_input: bool = False,
+        dora_on_output: bool = False,
     ):
         super().__init__()
         object.__setattr__(self, "base", base)  # deliberately not registered: base weights stay the model's
@@ -60,7 +60,7 @@ class Adapter(nn.Module):
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.weight_decompose = weight_decompose
         if weight_decompose:
-            norm = column_norm if dora_on_input else row_norm
+            norm = row_norm if dora_on_output else column_norm
             self.dora_scale = nn.Parameter(norm(base.weight.detach().float()))
         # While merged: (multiplier, original weight, original bias), so that unmerge is exact.
         self._merged: tuple[float, Tensor, Tensor | None] | None = None
@@ -195,10 +195,10 @@ class Adapter(nn.Module):
 
     @staticmethod
     def dora_args(base: nn.Module, tensors: dict[str, Tensor]) -> dict[str, bool]:
-        """The DoRA constructor arguments a file's ``dora_scale`` implies (absent, per row, per column)."""
+        """The DoRA constructor arguments a file's ``dora_scale`` implies (absent, per column, per row)."""
         scale = tensors.get("dora_scale")
         return {"weight_decompose": scale is not None,
-                "dora_on_input": scale is not None and scale.shape[0] != base.weight.shape[0]}
+                "dora_on_output": scale is not None and per_row(scale, base.weight)}
 
     def extra_repr(self) -> str:
         return f"{type(self.base).__name__}{tuple(self.base.weight.shape)}"
@@ -416,3 +416,27 @@ class Strategy:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
         return f"{type(self).__name__}({args})"
+
+
+class Decomposable(Strategy):
+    """A strategy whose adapters can add DoRA (Liu et al. 2024): W = m·(W0+ΔW)/‖W0+ΔW‖, m learnt.
+
+    The norm, and so ``dora_scale``, is taken per input column by default: from such files ComfyUI and A1111
+    compute exactly the weight lycoflow trained, while from per-output-row files ComfyUI divides by ‖W0‖ and
+    A1111 normalises per column anyway (README, compatibility table). The LyCORIS library's
+    ``create_lycoris_from_weights`` reloads per-output-row files only. Training uses the orientation the file
+    stores, so a file is always the model that was trained.
+
+    Args:
+        weight_decompose: DoRA: also learn the magnitudes ``dora_scale``.
+        dora_on_output: one magnitude per output row (the LyCORIS library's default) instead of per input column.
+        **kwargs: shared hyperparameters, see `lycoris.Strategy`.
+    """
+
+    def __init__(self, weight_decompose: bool = False, dora_on_output: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.weight_decompose = weight_decompose
+        self.dora_on_output = dora_on_output
+
+    def common(self) -> dict[str, float]:
+        return {**super().common(), "weight_decompose": self.weight_decompose, "dora_on_output": self.dora_on_output}

@@ -134,14 +134,19 @@ def column_norm(w: Tensor) -> Tensor:
     return row_norm(w.transpose(0, 1)).transpose(0, 1)
 
 
-def weight_decompose(w0: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
-    """DoRA: the adapted weight m·(W0+ΔW)/‖W0+ΔW‖ (what UIs compute from dora_scale).
+def per_row(magnitude: Tensor, weight: Tensor) -> bool:
+    """Whether DoRA magnitudes are per output row, shape (out, 1, ...); else per input column, (1, in, ...).
 
-    The norm is per output row when ``magnitude`` has one value per row (ours, LyCORIS' default), per input
-    column otherwise (LyCORIS' ``wd_on_output=False`` files), the rule ComfyUI applies too.
+    Decided by the whole shape, not its first size: a one-row layer's column magnitudes also start with 1.
     """
+    return tuple(magnitude.shape) == (weight.shape[0], *[1] * (weight.dim() - 1))
+
+
+def weight_decompose(w0: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
+    """DoRA: the adapted weight m·(W0+ΔW)/‖W0+ΔW‖, the norm per output row or per input column as
+    ``magnitude`` is shaped (`per_row`)."""
     w = w0 + delta
-    norm = row_norm(w) if magnitude.shape[0] == w.shape[0] else column_norm(w)
+    norm = row_norm(w) if per_row(magnitude, w) else column_norm(w)
     return w * (magnitude / (norm + torch.finfo(w.dtype).eps))
 
 

@@ -28,8 +28,10 @@ Conventions worth knowing:
 - LoKr with both blocks full (the paper's dim 10000) has no rank, so its scale is 1 whatever ``alpha``
   says, as in the UIs. OFT/BOFT store their constraint in ``alpha`` and use it as the cap on ‖Q‖ directly,
   as ComfyUI reads it.
-- DoRA normalises each output row (``dora_scale`` of shape (out, 1, …), LyCORIS' default); files with
-  per-input-column magnitudes (LyCORIS' ``wd_on_output=False``, shape (1, in, …)) load too.
+- DoRA normalises each input column by default (``dora_scale`` of shape (1, in, …), LyCORIS'
+  ``wd_on_output=False``), what ComfyUI and A1111 compute exactly; ``dora_on_output=True`` writes per-output-row
+  magnitudes (shape (out, 1, …), LyCORIS' default), the only ones its ``create_lycoris_from_weights`` reloads.
+  Both load here, trained and read in the orientation the file stores.
 - The LyCORIS library differs at multipliers other than 1 for DoRA, rescaled OFT and BOFT, and caps a
   constrained OFT at alpha·out_dim; ``tests/test_interop.py`` pins each difference as a strict xfail.
 - DyLoRA trains with scale α/b at the sampled rank b and is saved with LoCon keys at full rank, so a file

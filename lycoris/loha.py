@@ -14,7 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Strategy
+from .base import Adapter, Decomposable
 from .functional import HadamardProduct, in_out, kernel_size, rebuild_tucker
 
 
@@ -67,23 +67,20 @@ class LoHaAdapter(Adapter):
         return cls(base, dim, alpha, use_tucker=tucker, **cls.dora_args(base, tensors))
 
 
-class LoHa(Strategy):
+class LoHa(Decomposable):
     """LoHa: Hadamard product of two low-rank matrices (paper default dim 4, alpha 2).
 
     Args:
         use_tucker: Tucker-decompose the factors of k×k convolutions.
-        weight_decompose: DoRA: also learn each output row's magnitude.
-        **kwargs: shared hyperparameters, see `lycoris.Strategy`.
+        **kwargs: DoRA and shared hyperparameters, see `lycoris.Decomposable` and `lycoris.Strategy`.
     """
 
     algo = "loha"
     adapter_class = LoHaAdapter
 
-    def __init__(self, use_tucker: bool = False, weight_decompose: bool = False, **kwargs):
+    def __init__(self, use_tucker: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.use_tucker = use_tucker
-        self.weight_decompose = weight_decompose
 
     def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> LoHaAdapter:
-        return LoHaAdapter(layer, dim, alpha, use_tucker=self.use_tucker,
-                           weight_decompose=self.weight_decompose, **self.common())
+        return LoHaAdapter(layer, dim, alpha, use_tucker=self.use_tucker, **self.common())

@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Strategy
+from .base import Adapter, Decomposable
 from .functional import factorization, in_out, kaiming_, kernel_size, layer_op, rebuild_tucker
 
 #: How many multiply-adds one tensor entry written costs as much time as. Elementwise passes, permutes and
@@ -186,15 +186,14 @@ class LoKrAdapter(Adapter):
         )
 
 
-class LoKr(Strategy):
+class LoKr(Decomposable):
     """LoKr: Kronecker product of a small and a large block (paper default factor 8, dim 10000, alpha 1).
 
     Args:
         factor: the size of the small block (-1: split each dimension as evenly as possible).
         decompose_both: make the small block low-rank too when dim is small enough.
         use_tucker: Tucker-decompose a low-rank w2 of k×k convolutions.
-        weight_decompose: DoRA: also learn each output row's magnitude.
-        **kwargs: shared hyperparameters, see `lycoris.Strategy`.
+        **kwargs: DoRA and shared hyperparameters, see `lycoris.Decomposable` and `lycoris.Strategy`.
     """
 
     algo = "lokr"
@@ -205,7 +204,6 @@ class LoKr(Strategy):
         factor: int = -1,
         decompose_both: bool = False,
         use_tucker: bool = False,
-        weight_decompose: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -214,10 +212,9 @@ class LoKr(Strategy):
         self.factor = factor
         self.decompose_both = decompose_both
         self.use_tucker = use_tucker
-        self.weight_decompose = weight_decompose
 
     def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> LoKrAdapter:
         return LoKrAdapter(
             layer, dim, alpha, factor=self.factor, decompose_both=self.decompose_both,
-            use_tucker=self.use_tucker, weight_decompose=self.weight_decompose, **self.common(),
+            use_tucker=self.use_tucker, **self.common(),
         )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Strategy
+from .base import Adapter, Decomposable
 from .functional import (
     channel_scale,
     conv_like,
@@ -87,23 +87,20 @@ class LoRAAdapter(Adapter):
                    **cls.dora_args(base, tensors))
 
 
-class LoRA(Strategy):
+class LoRA(Decomposable):
     """LoRA on linear layers and LoCon on convolutions.
 
     Args:
         use_tucker: factor k×k convolutions as 1×1 down, k×k r×r core, 1×1 up (fewer parameters).
-        weight_decompose: DoRA: also learn each output row's magnitude.
-        **kwargs: shared hyperparameters, see `lycoris.Strategy`.
+        **kwargs: DoRA and shared hyperparameters, see `lycoris.Decomposable` and `lycoris.Strategy`.
     """
 
     algo = "lora"
     adapter_class = LoRAAdapter
 
-    def __init__(self, use_tucker: bool = False, weight_decompose: bool = False, **kwargs):
+    def __init__(self, use_tucker: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.use_tucker = use_tucker
-        self.weight_decompose = weight_decompose
 
     def make_adapter(self, layer: nn.Module, dim: int, alpha: float) -> LoRAAdapter:
-        return LoRAAdapter(layer, dim, alpha, use_tucker=self.use_tucker,
-                           weight_decompose=self.weight_decompose, **self.common())
+        return LoRAAdapter(layer, dim, alpha, use_tucker=self.use_tucker, **self.common())

@@ -34,8 +34,10 @@ def test_parameter_counts():
     assert count(apply_to(lin(), lycoris.LoRA(dim=8))) == 8 * (320 + 640)
     assert count(apply_to(conv(), lycoris.LoRA(dim=8))) == 8 * (320 * 9 + 640)
     assert count(apply_to(conv(), lycoris.LoRA(dim=8, use_tucker=True))) == 8 * 320 + 8 * 8 * 9 + 8 * 640
-    # DoRA adds one magnitude per output row.
-    assert count(apply_to(lin(), lycoris.LoRA(dim=8, weight_decompose=True))) == 8 * (320 + 640) + 640
+    # DoRA adds one magnitude per input column (per output row with dora_on_output).
+    assert count(apply_to(lin(), lycoris.LoRA(dim=8, weight_decompose=True))) == 8 * (320 + 640) + 320
+    assert count(apply_to(lin(), lycoris.LoRA(dim=8, weight_decompose=True, dora_on_output=True))) == \
+        8 * (320 + 640) + 640
     # LoHa: two rank-r pairs.
     assert count(apply_to(lin(), lycoris.LoHa(dim=4))) == 2 * 4 * (320 + 640)
     # LoKr factor 8, dim 10000: w1 (8x8) full, w2 (80x40) full.

@@ -30,6 +30,7 @@ STRATEGIES = {
     "lora": lambda: lycoris.LoRA(dim=4, alpha=2),
     "locon_tucker": lambda: lycoris.LoRA(dim=4, alpha=2, use_tucker=True),
     "dora": lambda: lycoris.LoRA(dim=4, alpha=2, weight_decompose=True),
+    "dora_on_output": lambda: lycoris.LoRA(dim=4, alpha=2, weight_decompose=True, dora_on_output=True),
     "loha": lambda: lycoris.LoHa(dim=4, alpha=2),
     "loha_tucker": lambda: lycoris.LoHa(dim=4, alpha=2, use_tucker=True),
     "loha_dora": lambda: lycoris.LoHa(dim=4, alpha=2, weight_decompose=True),
@@ -37,6 +38,7 @@ STRATEGIES = {
     "lokr_full": lambda: lycoris.LoKr(factor=4, dim=10000, alpha=1),
     "lokr_both_tucker": lambda: lycoris.LoKr(dim=1, alpha=1, decompose_both=True, use_tucker=True),
     "lokr_dora": lambda: lycoris.LoKr(factor=4, dim=2, alpha=1, weight_decompose=True),
+    "lokr_dora_on_output": lambda: lycoris.LoKr(factor=4, dim=2, alpha=1, weight_decompose=True, dora_on_output=True),
     "dylora": lambda: lycoris.DyLoRA(dim=4, alpha=4, block_size=2),
     "glora": lambda: lycoris.GLoRA(dim=4, alpha=2),
     "ia3": lambda: lycoris.IA3(),
@@ -151,8 +153,9 @@ def test_save_load_roundtrip(tmp_path, layer_kind, strategy_name):
         torch.testing.assert_close(fresh(x), original(x), atol=1e-6, rtol=0)
 
 
+# The algorithms: strategies that name the adapter reading their files (not the bases Strategy, Decomposable).
 BUILT_IN = [cls for cls in map(vars(lycoris).get, lycoris.__all__)
-            if isinstance(cls, type) and issubclass(cls, lycoris.Strategy) and cls is not lycoris.Strategy]
+            if isinstance(cls, type) and issubclass(cls, lycoris.Strategy) and hasattr(cls, "adapter_class")]
 
 
 @pytest.mark.parametrize("cls", BUILT_IN, ids=lambda cls: cls.__name__)

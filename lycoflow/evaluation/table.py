@@ -59,6 +59,14 @@ def config_id(recipe: str | None) -> str:
             node = node.get(key, {}) if isinstance(node, dict) else {}
         if isinstance(node, dict):
             node.pop(path[-1], None)
+    model = config.get("model")
+    for adapter in ("adapter", "text_encoder_adapter"):
+        node = model.get(adapter) if isinstance(model, dict) else None
+        init = node.get("init_args") if isinstance(node, dict) else None
+        # Without DoRA the orientation of its magnitudes builds nothing: runs recorded before the option
+        # existed stay one configuration with today's.
+        if isinstance(init, dict) and not init.get("weight_decompose"):
+            init.pop("dora_on_output", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
