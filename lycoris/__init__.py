@@ -31,7 +31,8 @@ from .oft import OFT, OFTAdapter
 from .targeting import PRESETS
 
 __all__ = [
-    "ALGORITHMS", "Adapter", "Algorithm", "BOFT", "Decomposable", "BOFTAdapter", "DyLoRA", "DyLoRAAdapter", "Full", "FullAdapter",
+    "ALGORITHMS", "Adapter", "Algorithm", "BOFT", "BOFTAdapter", "Decomposable", "DyLoRA", "DyLoRAAdapter", "Full",
+    "FullAdapter",
     "GLoRA", "GLoRAAdapter", "IA3", "IA3Adapter", "LayerExtraction", "LayerPair", "LoHa", "LoHaAdapter", "LoKr",
     "LoKrAdapter", "LoRA", "LoRAAdapter", "Network", "OFT", "OFTAdapter", "PRESETS", "Strategy", "adapter_classes",
     "butterfly_factor", "changed_tensors", "extract_layer", "factorization", "kohya_metadata", "layer_pairs",

@@ -184,6 +184,11 @@ class Adapter(nn.Module):
             p.requires_grad_(flag)
 
     # -- files ----------------------------------------------------------------------------------------
+    def file_tensors(self) -> dict[str, Tensor]:
+        """What the file stores for this layer (suffix → tensor): the parameters, unless an algorithm stores
+        an equivalent form every reader computes alike."""
+        return self.state_dict()
+
     @classmethod
     def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> Adapter:
         """Build the adapter that ``tensors`` (suffix → tensor) describe, for ``base``; loads nothing."""

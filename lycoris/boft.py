@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter, Strategy
-from .functional import butterfly_factor, cayley, in_out
+from .functional import butterfly_factor, capped, cayley, in_out
 
 
 class BOFTAdapter(Adapter):
@@ -55,6 +55,11 @@ class BOFTAdapter(Adapter):
         if hasattr(self, "rescale"):
             rotated = rotated * self.rescale
         return rotated - w0
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        # The blocks as the cap leaves them (the same rotation): ComfyUI caps ‖Q‖ at alpha, A1111 and the LyCORIS
+        # library at alpha·out_dim, so only blocks no cap acts on read the same everywhere.
+        return {**super().file_tensors(), "oft_blocks": capped(self.oft_blocks.detach(), float(self.alpha))}
 
     @classmethod
     def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> BOFTAdapter:

@@ -150,12 +150,18 @@ def weight_decompose(w0: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
     return w * (magnitude / (norm + torch.finfo(w.dtype).eps))
 
 
+def capped(blocks: Tensor, constraint: float) -> Tensor:
+    """The blocks B scaled so that Q = B − Bᵀ (all blocks together) has norm at most ``constraint`` (0: no cap)."""
+    if constraint <= 0:
+        return blocks
+    norm = (blocks - blocks.transpose(-1, -2)).norm() + 1e-8
+    return torch.where(norm > constraint, blocks * (constraint / norm), blocks)
+
+
 def cayley(blocks: Tensor, constraint: float) -> Tensor:
     """Orthogonal R = (I+Q)(I−Q)⁻¹ for Q = B − Bᵀ per block (last two dims), Q's norm capped at constraint."""
+    blocks = capped(blocks, constraint)
     q = blocks - blocks.transpose(-1, -2)
-    if constraint > 0:
-        norm = q.norm() + 1e-8
-        q = torch.where(norm > constraint, q * (constraint / norm), q)
     eye = torch.eye(q.shape[-1], device=q.device, dtype=q.dtype)
     # (I+Q) and (I−Q)⁻¹ commute, so R = (I−Q)⁻¹(I+Q): one batched solve instead of an inverse.
     return torch.linalg.solve(eye - q, eye + q)

@@ -20,14 +20,15 @@ Conventions worth knowing:
 
 - Every adapter starts at ΔW = 0 (one factor zero), so a fresh network leaves the model unchanged.
 - ``multiplier`` is linear for every algorithm: the layer computes with W0 + multiplier·ΔW, where
-  ``delta_weights()`` gives ΔW (for OFT/BOFT, (IA)³, GLoRA and DoRA, ΔW depends on W0). At multiplier 1
-  this is exactly what A1111 and ComfyUI compute; for OFT/BOFT at other strengths ComfyUI interpolates the
-  rotation instead.
+  ``delta_weights()`` gives ΔW (for OFT/BOFT, (IA)³, GLoRA and DoRA, ΔW depends on W0). Which algorithms
+  A1111, ComfyUI and the LyCORIS library compute exactly from these files, at which strengths, is the
+  README's compatibility table (tests/test_ui_loading.py, tests/test_lycoris_library_files.py).
 - ``merge()`` keeps a copy of each original weight so that ``unmerge()``/``remove()`` restore it bit for bit;
   `merge_into` bakes without a copy.
 - LoKr with both blocks full (the paper's dim 10000) has no rank, so its scale is 1 whatever ``alpha``
   says, as in the UIs. OFT/BOFT store their constraint in ``alpha`` and use it as the cap on ‖Q‖ directly,
-  as ComfyUI reads it.
+  as ComfyUI reads it; the blocks are written already capped (`Adapter.file_tensors`), so that A1111's and the
+  LyCORIS library's looser cap (alpha·out_dim) does not act either and all three compute the same rotation.
 - DoRA normalises each input column by default (``dora_scale`` of shape (1, in, …), LyCORIS'
   ``wd_on_output=False``), what ComfyUI and A1111 compute exactly; ``dora_on_output=True`` writes per-output-row
   magnitudes (shape (out, 1, …), LyCORIS' default), the only ones its ``create_lycoris_from_weights`` reloads.
@@ -146,24 +147,32 @@ def save_file(
     path = Path(path)
     tensors: dict[str, Tensor] = {}
     for prefix, net in networks.items():
-        for key, value in net.state_dict().items():
-            name, suffix = key.split(".", 1)
-            key = f"{prefix}{name[len(net.prefix):]}.{suffix}"
-            value = value.detach().to("cpu")
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-            tensors[key] = value.contiguous()
+        for name, adapter in net.named_children():
+            for suffix, value in adapter.file_tensors().items():
+                value = value.detach().to("cpu")
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+                tensors[f"{prefix}{name[len(net.prefix):]}.{suffix}"] = value.contiguous()
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         _save_tensors(tensors, tmp, metadata=meta)
+        # mkstemp (and safetensors) create files only their owner may read: give the file the mode the user's
+        # umask gives new files, so a UI running as another user can load it.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return mask
 
 
 def _describe(layer: nn.Module) -> str:
