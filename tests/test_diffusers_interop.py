@@ -31,9 +31,19 @@ def tiny_pipeline(tmp_path):
     )
 
 
+DIFFUSERS_DORA = ("diffusers drops every dora_scale key of an SD 1.x file ('a DoRA checkpoint that is not compatible "
+                  "in Diffusers at the moment'; loaders/lora_pipeline.py StableDiffusionLoraLoaderMixin."
+                  "lora_state_dict) and runs the plain LoRA, in either orientation")
+
+
 @pytest.mark.parametrize(("name", "strategy"), [
     ("lora", lycoris.LoRA(dim=4, alpha=2, preset="attn-mlp")),
     ("locon", lycoris.LoRA(dim=4, alpha=2, conv_dim=2, conv_alpha=1, preset="full")),  # 3x3 resnet convs too
+    *[pytest.param(name, strategy, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=DIFFUSERS_DORA))
+      for name, strategy in [
+          ("dora", lycoris.LoRA(dim=4, alpha=2, weight_decompose=True, preset="attn-mlp")),
+          ("dora_on_output", lycoris.LoRA(dim=4, alpha=2, weight_decompose=True, dora_on_output=True,
+                                          preset="attn-mlp"))]],
 ])
 @torch.no_grad()
 def test_our_file_loads_in_diffusers_with_identical_outputs(tmp_path, name, strategy):
@@ -68,3 +78,21 @@ def test_our_file_loads_in_diffusers_with_identical_outputs(tmp_path, name, stra
     nets["lora_unet"].multiplier = 0.5
     torch.testing.assert_close(pipe.unet(latents, t, encoder_hidden_states=text).sample,
                                unet(latents, t, encoder_hidden_states=text).sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", [
+    cls(preset="attn-mlp", **kw) for cls, kw in [
+        (lycoris.LoHa, {}), (lycoris.LoKr, {"factor": 4, "dim": 10000}), (lycoris.GLoRA, {}), (lycoris.OFT, {}),
+        (lycoris.BOFT, {}), (lycoris.IA3, {}), (lycoris.Full, {})]
+], ids=lambda s: type(s).__name__)
+@torch.no_grad()
+def test_diffusers_refuses_the_other_algorithms(tmp_path, strategy):
+    """SD 1.x's load_lora_weights converts lora_down/lora_up keys only (loaders/lora_conversion_utils.py
+    _convert_non_diffusers_lora_to_diffusers): any other file is refused with an error, never loaded wrong."""
+    pipe = tiny_pipeline(tmp_path)
+    net = strategy.apply(copy.deepcopy(pipe.unet), "lora_unet")
+    for p in net.parameters():
+        p.add_(0.05)
+    lycoris.save_file(tmp_path / "other.safetensors", {"lora_unet": net})
+    with pytest.raises(ValueError, match="have not been correctly renamed"):
+        pipe.load_lora_weights(str(tmp_path), weight_name="other.safetensors")

@@ -2,6 +2,8 @@
 
 import copy
 import json
+import os
+import stat
 import sys
 import textwrap
 
@@ -141,6 +143,18 @@ def test_save_is_atomic(tmp_path, unet):
     net = lycoris.IA3(preset="attn-only").apply(unet)
     path = lycoris.save_file(tmp_path / "sub" / "x.safetensors", {"lora_unet": net})
     assert [p.name for p in path.parent.iterdir()] == ["x.safetensors"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_file_has_the_mode_the_umask_gives(tmp_path, unet, umask):
+    """A UI running as another user reads the file (the temporary file it is renamed from is created 0600)."""
+    net = lycoris.IA3(preset="attn-only").apply(unet)
+    old = os.umask(umask)
+    try:
+        path = lycoris.save_file(tmp_path / "x.safetensors", {"lora_unet": net})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
 
 
 USER_MODULE = '''
