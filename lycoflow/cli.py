@@ -100,6 +100,30 @@ def _user_error(err: BaseException) -> bool:
     return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(_OURS)
 
 
+def _user_cause(err: BaseException) -> BaseException | None:
+    """``err`` if it is a user error (`_user_error`), else the first user error it was raised from or while
+    handling: jsonargparse wraps a constructor's ValueError ("batch_size must be >= 1") in its own ("Does not
+    validate against any of the Union subtypes"), which names neither the value nor the fix."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if _user_error(err):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+# The class a wrapping jsonargparse error was building, from the value it quotes.
+_CLASS_PATH = re.compile(r"class_path='([\w.]+)'")
+
+
+def _message(err: BaseException, cause: BaseException) -> str:
+    if cause is err:
+        return str(err)
+    built = _CLASS_PATH.search(str(err))
+    return f"{cause}" + (f" (building {built.group(1)})" if built else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = "\n".join(f"  {name:<10} {text}" for name, text in {**LIGHTNING_COMMANDS, **OWN_COMMANDS}.items())
@@ -140,9 +164,11 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except Exception as err:
-        if os.environ.get("LYCOFLOW_DEBUG") or not _user_error(err):
+        cause = _user_cause(err)
+        if os.environ.get("LYCOFLOW_DEBUG") or cause is None:
             raise
-        print(f"lycoflow {argv[0]}: error: {err}\n(set LYCOFLOW_DEBUG=1 to see the traceback)", file=sys.stderr)
+        print(f"lycoflow {argv[0]}: error: {_message(err, cause)}\n(set LYCOFLOW_DEBUG=1 to see the traceback)",
+              file=sys.stderr)
         return 2
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ import lycoris
 
 from .cache import atomic_path
 from .loggers import WandbLogger
+
+#: --ckpt_path values that Lightning resolves itself instead of reading a file by that name.
+_CHECKPOINT_WORDS = ("last", "best", "hpc", "registry")
 
 #: The commands LycoflowCLI runs (the dispatcher's table of them is in lycoflow.cli).
 SUBCOMMANDS = ("fit", "validate")
@@ -88,11 +92,53 @@ class LycoflowCLI(LightningCLI):
             if isinstance(logger, WandbLogger):
                 logger.bind_run_folder(run, save_dir=not init_args.get("save_dir"), name=not init_args.get("name"))
 
+    @staticmethod
+    def _check_checkpoint(path: str | None) -> None:
+        """A --ckpt_path file that is not a whole Lightning checkpoint is named before anything runs (torch.load
+        would fail deep inside Lightning with an unpickling message)."""
+        if path is None or path in _CHECKPOINT_WORDS or not Path(path).is_file():
+            return  # Lightning resolves the words, and names a missing file itself
+        with open(path, "rb") as f:
+            head = f.read(9)
+        if len(head) == 9 and head[8:9] == b"{" and Path(path).suffix == ".safetensors":
+            raise ValueError(f"--ckpt_path {path} is an adapter file, not a training checkpoint: resume from the "
+                             "run's checkpoints/last.ckpt (--ckpt_path last); an adapter file is applied with "
+                             "`lycoflow generate`/`evaluate`/`merge`")
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError) as err:
+            raise ValueError(f"--ckpt_path {path} is not a whole training checkpoint (truncated or not a "
+                             f"checkpoint: {err}); resume from an intact one, e.g. the run's "
+                             "checkpoints/last.ckpt") from None
+        if damaged is not None:
+            raise ValueError(f"--ckpt_path {path} is damaged (entry {damaged} fails its checksum); resume from "
+                             "an intact checkpoint")
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's CLI reads the checkpoint here, right after parsing, for the hyperparameters it holds.
+        if self.config.get("subcommand"):
+            self._check_checkpoint(self.config[self.config.subcommand].get("ckpt_path"))
+        super()._parse_ckpt_path()
+
     def before_fit(self) -> None:
         self._bind_run_folder()
 
     def before_validate(self) -> None:
         self._bind_run_folder()
+
+
+def _check_interpolations(recipe: str, sections: dict) -> None:
+    """Resolve the recipe's ${...} interpolations as jsonargparse's omegaconf mode will (each file on its own),
+    so that one to a missing key is named with its file and key rather than as omegaconf's traceback."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        OmegaConf.to_container(OmegaConf.create(sections), resolve=True)
+    except OmegaConfBaseException as err:
+        where = f" at {err.full_key}" if getattr(err, "full_key", None) else ""
+        raise ValueError(f"recipe {recipe}{where}: {str(err).splitlines()[0]}") from None
 
 
 def run_lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
@@ -113,6 +159,7 @@ def run_lightning(argv: list[str], run: bool = True) -> LycoflowCLI:
         if not isinstance(sections, dict):  # jsonargparse says only "Unexpected config"
             raise ValueError(f"recipe {recipe} is {'empty' if sections is None else 'not a mapping'}: a recipe "
                              "holds sections such as model:, data:, trainer: (see recipes/lora.yaml)")
+        _check_interpolations(recipe, sections)
     args = [command, *(a for r in recipes for a in ("--config", r)), *rest]
     # We pass the rewritten command line as `args` on purpose (positional recipes become --config).
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")

@@ -511,7 +511,7 @@ def test_bucket_batches_shard_across_ranks_disjoint_and_complete(tmp_path):
 def test_bucket_no_upscale_and_too_small_images(tmp_path):
     root = make_shaped_tree(tmp_path / "d", {"a/land": 2, "b/square": 1})
     noise_image(root / "b/square/tiny.png", (100, 300), seed=7)
-    with pytest.raises(ValueError, match=r"tiny\.png: image 100x300 is smaller than the smallest bucket"):
+    with pytest.raises(ValueError, match=r"tiny\.png: image 100x300 has a side under 128 px \(the smallest bucket"):
         module(root, **BUCKETED)
     dm = module(root, **BUCKETED, bucket_no_upscale=True, on_bad_file="skip")
     assert [p.name for p, _ in dm.skipped] == ["tiny.png"]
@@ -521,6 +521,19 @@ def test_bucket_no_upscale_and_too_small_images(tmp_path):
     assert tuple(batch["pixel_values"].shape[2:]) in ((192, 256), (256, 256))
     with pytest.raises(ValueError, match="multiples of bucket_step"):
         HierarchicalDataModule(str(root), bucketing=True, min_bucket_resolution=100)
+
+
+def test_an_image_too_small_for_the_resolution_is_a_bad_file(tmp_path):
+    """A 1x1 image would train as a flat colour: more than 8x upscaling makes a file bad, named or skipped."""
+    root = make_tree(tmp_path / "d", {"a/x": 2})
+    Image.new("RGB", (1, 1), (200, 0, 0)).save(root / "a/x/dot.png")
+    Image.new("RGB", (4, 4), (0, 200, 0)).save(root / "a/x/small.png")  # 8x to 32: still fine
+    with pytest.raises(ValueError, match=r"dot\.png: image 1x1 has a side under 4 px \(it would be upscaled more "
+                                         r"than 8x to resolution 32"):
+        module(root, resolution=32)
+    dm = module(root, resolution=32, on_bad_file="skip")
+    assert [p.name for p, _ in dm.skipped] == ["dot.png"]
+    assert len(dm.samples) == 3
 
 
 def test_trainer_fits_with_buckets_and_sets_each_epoch(tmp_path):

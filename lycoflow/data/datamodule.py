@@ -158,8 +158,15 @@ class HierarchicalDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         root = Path(self.root).expanduser()
-        min_side = self.min_bucket_resolution if self.bucketing else 0
-        concepts, samples, skipped = scan(root, self.caption_extension, self.on_bad_file, min_side)
+        if self.bucketing:
+            min_side = self.min_bucket_resolution
+            rule = f"the smallest bucket, min_bucket_resolution {min_side}: use a larger image or lower it"
+        else:
+            # An image blown up more than 8x holds too little to learn from: a 1x1 image trains as a flat colour.
+            min_side = -(-self.resolution // MAX_UPSCALE)
+            rule = (f"it would be upscaled more than {MAX_UPSCALE}x to resolution {self.resolution}: use a larger "
+                    "image or a lower resolution")
+        concepts, samples, skipped = scan(root, self.caption_extension, self.on_bad_file, min_side, rule)
         if self.repeats:
             concepts = apply_repeats(concepts, self.repeats)
         quotas = plan_quotas(samples, concepts, self.balance)
@@ -328,6 +335,10 @@ def _check_options(resolution: int, batch_size: int, caption_dropout: float, tag
             raise ValueError(f"{name} is a probability in [0, 1], got {value}")
     if not caption_extension.startswith("."):
         raise ValueError(f"caption_extension must start with a dot, e.g. '.txt', got {caption_extension!r}")
+
+
+#: The most an image is upscaled to the training resolution before it counts as a bad file.
+MAX_UPSCALE = 8
 
 
 def _check_buckets(resolution: int, min_side: int, max_side: int, step: int) -> None:

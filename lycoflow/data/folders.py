@@ -50,10 +50,10 @@ class _Folder:
 
 
 def scan(root: Path, caption_extension: str = ".txt", on_bad_file: OnBadFile = "error", min_side: int = 0,
-         ) -> tuple[list[Concept], list[Sample], list[tuple[Path, str]]]:
+         min_side_rule: str = "", ) -> tuple[list[Concept], list[Sample], list[tuple[Path, str]]]:
     """Read a dataset folder: (concepts, usable samples, skipped (path, reason)). The folder is never modified.
 
-    Images with a side under ``min_side`` (the smallest bucket) are bad files too.
+    Images with a side under ``min_side`` are bad files too; ``min_side_rule`` says why (and how to change it).
     """
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist or is not a folder; set data.root to a folder "
@@ -75,7 +75,7 @@ def scan(root: Path, caption_extension: str = ".txt", on_bad_file: OnBadFile = "
     paths = [p for f in image_folders for p in f.images]
     # Decoding dominates setup; PIL releases the GIL while decoding, so threads help.
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        checks = dict(zip(paths, pool.map(lambda p: _check_file(p, caption_extension, min_side), paths)))
+        checks = dict(zip(paths, pool.map(lambda p: _check_file(p, caption_extension, min_side, min_side_rule), paths)))
     concepts: list[Concept] = []
     samples: list[Sample] = []
     for folder in image_folders:
@@ -179,7 +179,7 @@ def _folder_keys(folders: Sequence[_Folder]) -> set[str]:
     return {"/".join(f.parts) for f in folders} | {"/".join(f.raw) for f in folders}
 
 
-def _check_file(path: Path, caption_extension: str, min_side: int = 0,
+def _check_file(path: Path, caption_extension: str, min_side: int = 0, min_side_rule: str = "",
                 ) -> tuple[tuple[int, int], list[str]] | str:
     """(size, raw tags) of a usable image, or why it is not usable."""
     try:
@@ -187,8 +187,7 @@ def _check_file(path: Path, caption_extension: str, min_side: int = 0,
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         return f"unreadable image: {err}"
     if min(size) < min_side:
-        return (f"image {size[0]}x{size[1]} is smaller than the smallest bucket (min_bucket_resolution {min_side}); "
-                f"use a larger image or lower min_bucket_resolution")
+        return f"image {size[0]}x{size[1]} has a side under {min_side} px ({min_side_rule})"
     caption = path.with_suffix(caption_extension)
     try:
         tags = read_tags(caption) if caption.is_file() else []
