@@ -87,10 +87,11 @@ def _user_error(err: BaseException) -> bool:
     library, whose traceback helps."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from .cache import DiskFullError
     from .metrics.encoders import EncoderError
     from .models import BaseModelError
 
-    if isinstance(err, (BaseModelError, EncoderError, MisconfigurationException)):
+    if isinstance(err, (BaseModelError, DiskFullError, EncoderError, MisconfigurationException)):
         return True
     if not isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)):
         return False

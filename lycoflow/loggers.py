@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -9,7 +10,20 @@ from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger as _WandbLogger
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
+
+# Lightning's own rank-zero logger: its console handler prints a message as one line (a warnings.warn also prints
+# the line of code that raised it).
+_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+
+
+@rank_zero_only
+def _warn(message: str) -> None:
+    _log.warning(message)
+
+
+#: Seconds `WandbLogger` waits for the W&B server before logging offline (W&B's own default is 90).
+DEFAULT_INIT_TIMEOUT = 10.0
 
 
 def wandb_credentials() -> bool:
@@ -39,12 +53,19 @@ class WandbLogger(_WandbLogger):
     training run never fails because of W&B. Offline runs are written to ``<save_dir>/wandb/offline-run-*``;
     ``wandb sync <that folder>`` uploads them later.
 
+    Starting online waits at most ``init_timeout`` seconds for the W&B server (W&B's own default is 90 s, spent in
+    full when it is unreachable), then says so in one warning and logs offline. Online, W&B's greeting ("Currently
+    logged in as ...", looked up on the server, another 10 s when it is unreachable) is left out: the run's link
+    still shows, and a ``settings=`` given to the logger (``wandb.Settings`` or a mapping) wins over both.
+
     Args:
         project: W&B project.
         name: run name; None lets W&B pick one (the CLI uses the run folder's name).
         save_dir: where ``wandb/`` is written; None means the Trainer's ``default_root_dir`` (set by the CLI).
         offline: force offline (True) or online (False); None decides from the credentials.
         group: W&B group, to gather runs of one configuration (e.g. the seeds of a sweep cell).
+        init_timeout: seconds to wait for the W&B server when starting online; None reads
+            ``$LYCOFLOW_WANDB_INIT_TIMEOUT``, else 10.
         **kwargs: passed to Lightning's `WandbLogger` and ``wandb.init`` (tags, entity, notes, ...).
     """
 
@@ -55,6 +76,7 @@ class WandbLogger(_WandbLogger):
         save_dir: str | None = None,
         offline: bool | None = None,
         group: str | None = None,
+        init_timeout: float | None = None,
         **kwargs: Any,
     ):
         # WANDB_MODE=disabled turns W&B off whatever else is set (Lightning would override it when offline).
@@ -69,6 +91,19 @@ class WandbLogger(_WandbLogger):
             self._wandb_init["mode"] = "disabled" if self.disabled else "offline"
         if self._wandb_init.get("anonymous") is None:  # wandb >= 0.19 warns about the key even when unset
             self._wandb_init.pop("anonymous", None)
+        if init_timeout is None:
+            value = os.environ.get("LYCOFLOW_WANDB_INIT_TIMEOUT") or DEFAULT_INIT_TIMEOUT
+            try:
+                init_timeout = float(value)
+            except ValueError:
+                raise ValueError(f"LYCOFLOW_WANDB_INIT_TIMEOUT={value!r} is not a number of seconds") from None
+        if init_timeout <= 0:
+            raise ValueError(f"WandbLogger: init_timeout={init_timeout} must be > 0 (seconds)")
+        self.init_timeout = init_timeout
+        self._given_settings = self._wandb_init.get("settings")
+        if not offline and not self.disabled and (self._given_settings is None or isinstance(self._given_settings,
+                                                                                             dict)):
+            self._wandb_init["settings"] = {"init_timeout": init_timeout, "quiet": True, **(self._given_settings or {})}
 
     def bind_run_folder(self, folder: str | Path, save_dir: bool = True, name: bool = True) -> None:
         """Before the run starts: write it into ``folder`` and/or name it after it (the CLI does this for what the
@@ -90,13 +125,21 @@ class WandbLogger(_WandbLogger):
             return _WandbLogger.experiment.fget(self)
         except Exception as err:  # noqa: BLE001 — any W&B failure (network, auth, service) must not stop training
             if not self._offline and not self.disabled:
-                rank_zero_warn(f"W&B could not start online ({err}); logging offline instead")
-                self._offline = True
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                _warn(f"W&B could not start online ({reason}; waited at most {self.init_timeout:g} s, "
+                      "LYCOFLOW_WANDB_INIT_TIMEOUT=seconds waits longer); logging offline into "
+                      f"{Path(self._save_dir) / 'wandb'} instead, `wandb sync` uploads it later")
                 self._wandb_init["mode"] = "offline"  # wandb has read WANDB_MODE already: only this counts
+                self._wandb_init.pop("settings", None)  # offline: W&B's own output as usual
+                if self._given_settings is not None:
+                    self._wandb_init["settings"] = self._given_settings
                 try:
+                    # With _offline set, Lightning would also set WANDB_MODE, which wandb then warns it ignores.
                     return _WandbLogger.experiment.fget(self)
                 except Exception as err2:  # noqa: BLE001
                     err = err2
+                finally:
+                    self._offline = True
             rank_zero_warn(f"W&B could not start ({err}); training goes on without W&B logging")
             self._experiment = _Null()
             return self._experiment

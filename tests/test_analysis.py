@@ -185,7 +185,7 @@ def test_main_with_a_parent_folder(tmp_path, capsys):
 
 
 def test_main_without_runs(tmp_path, capsys):
-    assert main([str(tmp_path), "--out", str(tmp_path / "report")]) == 1
+    assert main([str(tmp_path), "--out", str(tmp_path / "report")]) == 2
     assert "no metric values found" in capsys.readouterr().err
     assert not (tmp_path / "report").exists()
 
@@ -195,7 +195,7 @@ def test_a_damaged_metrics_file_is_named(tmp_path, capsys):
                           ("number", ",".join(COLUMNS).encode() + b"\na,b,0,one,1,c,d,,train,vendi_score,2\n")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.csv").write_bytes(content)
-    assert main([str(tmp_path / n) for n in ("binary", "columns", "number")] + ["--out", str(tmp_path / "r")]) == 1
+    assert main([str(tmp_path / n) for n in ("binary", "columns", "number")] + ["--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr()
     printed = err.out + err.err
     assert f"skipped {tmp_path / 'binary' / 'metrics.csv'}: not a readable CSV table" in printed

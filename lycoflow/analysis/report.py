@@ -198,8 +198,8 @@ def _shap_charts(data: Dataset, scores: Sequence[float], categories: Sequence[st
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``lycoflow analyze RUN_DIRS... --out REPORT_DIR``: 0 when the report was written, 1 when there was nothing
-    to analyse (argparse exits with 2 on bad arguments)."""
+    """``lycoflow analyze RUN_DIRS... --out REPORT_DIR``: 0 when the report was written, 2 (a user error, as for
+    bad arguments and every other lycoflow command) when there was nothing to analyse or a file was damaged."""
     parser = argparse.ArgumentParser(
         prog="lycoflow analyze",
         description="Rank scores, ranking tables, scatter plots and SHAP charts of evaluated runs (paper §5.3).")
@@ -214,6 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         report = analyze(args.run_dirs, args.out, prompt_types=prompt_types)
     except ValueError as err:
         print(f"lycoflow analyze: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"lycoflow analyze: report in {report}")
     return 0

@@ -67,6 +67,11 @@ def config_id(recipe: str | None) -> str:
         # existed stay one configuration with today's.
         if isinstance(init, dict) and not init.get("weight_decompose"):
             init.pop("dora_on_output", None)
+    trainer = config.get("trainer")
+    logger = trainer.get("logger") if isinstance(trainer, dict) else None
+    init = logger.get("init_args") if isinstance(logger, dict) else None
+    if isinstance(init, dict):  # how long W&B may take to start trains nothing (and came after runs were recorded)
+        init.pop("init_timeout", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
