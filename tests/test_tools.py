@@ -99,6 +99,15 @@ def test_generate_weight_zero_is_the_base_model_and_one_is_not(tiny_sd_folder, l
         [(n, i // 2, i % 2, 5 + i) for i, n in enumerate(names)]
     assert index["sampler"]["steps"] == 2 and index["sampler"]["scheduler"] == "DDIMScheduler"
 
+    # Same names again into the same folder: refused before loading, nothing touched, unless --overwrite.
+    before = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
+    with pytest.raises(ValueError, match=r"already holds 0-0-5\.png, 0-1-6\.png, 1-0-7\.png and 3 more: pass "
+                                         r"--overwrite"):
+        main_generate([*common, "--adapter", f"{lora}:0", "--out", str(tmp_path / "one")])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()} == before
+    assert main_generate([*common, "--adapter", f"{lora}:0", "--out", str(tmp_path / "one"), "--overwrite"]) == 0
+    assert load_png(tmp_path / "one" / names[0]).equal(zero[0])
+
 
 def test_generate_equals_the_file_loaded_by_hand(tiny_sd_folder, lora, tmp_path):
     sampler = Sampler(steps=2, resolution=32, guidance_scale=5.0, batch_size=4)

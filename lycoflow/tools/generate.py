@@ -62,6 +62,16 @@ def _write_atomic(path: Path, text: str) -> None:
         f.write(text)
 
 
+def _refuse_existing(out: Path, names: list[str], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: name a folder for the images")
+    taken = [name for name in names if (out / name).exists()]
+    if taken and not overwrite:
+        shown = ", ".join(taken[:3]) + (f" and {len(taken) - 3} more" if len(taken) > 3 else "")
+        raise ValueError(f"--out {out} already holds {shown}: pass --overwrite to replace them, or name another "
+                         "folder")
+
+
 def generate(
     base: str,
     prompts: Sequence[str],
@@ -74,6 +84,7 @@ def generate(
     config: str | None = None,
     progress: bool = True,
     algorithms: Sequence[str | lycoris.Algorithm] = (),
+    overwrite: bool = False,
 ) -> list[dict[str, object]]:
     """Generate images from a base model with LyCORIS/LoRA adapter files applied.
 
@@ -101,6 +112,8 @@ def generate(
         progress: show a progress bar.
         algorithms: algorithms of your own that the files may hold, tried before lycoris' own: `lycoris.Strategy`
             or `lycoris.Adapter` classes, or their import paths ``module.Class`` (the option repeated for more).
+        overwrite: replace images, ``index.csv`` and ``prompts.json`` of the same names already in ``out``
+            (otherwise it is an error, before anything is loaded).
 
     Returns:
         The rows of ``index.csv``: file, prompt_index, image_index, seed, prompt, adapters.
@@ -116,6 +129,9 @@ def generate(
     readers = reading_algorithms(algorithms)
     sampler = sampler or Sampler()
     out = Path(out)
+    jobs = [(i, j, prompt, seed + i * images_per_prompt + j)
+            for i, prompt in enumerate(prompts) for j in range(images_per_prompt)]
+    _refuse_existing(out, [f"{i}-{j}-{s}.png" for i, j, _, s in jobs] + ["index.csv", "prompts.json"], overwrite)
     parts = load_base(base, config)
     target = torch.device(device or default_device())
     # On the device before the adapters are made: they are created on their layer's device.
@@ -129,8 +145,6 @@ def generate(
             network.eval()
 
     described = ";".join(f"{path}:{weight:g}" for path, weight in files)
-    jobs = [(i, j, prompt, seed + i * images_per_prompt + j)
-            for i, prompt in enumerate(prompts) for j in range(images_per_prompt)]
     rows = [{"file": f"{i}-{j}-{s}.png", "prompt_index": i, "image_index": j, "seed": s, "prompt": prompt,
              "adapters": described} for i, j, prompt, s in jobs]
     out.mkdir(parents=True, exist_ok=True)
