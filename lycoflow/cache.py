@@ -70,6 +70,14 @@ def no_room(err: BaseException) -> int | None:
     return None
 
 
+def default_file_mode() -> int:
+    """The mode the user's umask gives a new file (what ``open`` creates; mkstemp creates 0600). The same three
+    lines are in lycoris/io.py, which stands alone and cannot import this torch-free module's package."""
+    mask = os.umask(0)  # reading the umask means setting it: set it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A fresh temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends without an
@@ -86,6 +94,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, default_file_mode())  # as if written in place: readable by whom the umask allows
         os.replace(tmp, path)
     except Exception as err:
         if (code := no_room(err)) is not None and not isinstance(err, DiskFullError):

@@ -161,7 +161,7 @@ def save_file(
         _save_tensors(tensors, tmp, metadata=meta)
         # mkstemp (and safetensors) create files only their owner may read: give the file the mode the user's
         # umask gives new files, so a UI running as another user can load it.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -169,10 +169,12 @@ def save_file(
     return path
 
 
-def _umask() -> int:
+def default_file_mode() -> int:
+    """The mode the user's umask gives a new file (what ``open`` would create; mkstemp creates 0600). lycoflow's
+    torch-free ``lycoflow.cache`` has the same three lines: it cannot import this package."""
     mask = os.umask(0)  # reading the umask means setting it: set it straight back
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _describe(layer: nn.Module) -> str:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file as read_tensors
 from safetensors.torch import save_file as write_tensors
 
 import lycoris
+from lycoflow.cache import atomic_path
 
 ATTN_ONLY_UNET = {
     "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
@@ -155,6 +156,13 @@ def test_saved_file_has_the_mode_the_umask_gives(tmp_path, unet, umask):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+    os.umask(umask)
+    try:  # lycoflow's own atomic writes too (recipes, metrics tables, images)
+        with atomic_path(tmp_path / "config.yaml") as tmp:
+            tmp.write_text("model: {}\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "config.yaml").stat().st_mode) == 0o666 & ~umask
 
 
 USER_MODULE = '''
