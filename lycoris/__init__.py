@@ -27,6 +27,7 @@ from .io import ALGORITHMS, Algorithm, adapter_classes, kohya_metadata, load_fil
 from .loha import LoHa, LoHaAdapter
 from .lokr import LoKr, LoKrAdapter
 from .lora import LoRA, LoRAAdapter
+from .norm import NormAdapter
 from .oft import OFT, OFTAdapter
 from .targeting import PRESETS
 
@@ -34,7 +35,8 @@ __all__ = [
     "ALGORITHMS", "Adapter", "Algorithm", "BOFT", "BOFTAdapter", "Decomposable", "DyLoRA", "DyLoRAAdapter", "Full",
     "FullAdapter",
     "GLoRA", "GLoRAAdapter", "IA3", "IA3Adapter", "LayerExtraction", "LayerPair", "LoHa", "LoHaAdapter", "LoKr",
-    "LoKrAdapter", "LoRA", "LoRAAdapter", "Network", "OFT", "OFTAdapter", "PRESETS", "Strategy", "adapter_classes",
+    "LoKrAdapter", "LoRA", "LoRAAdapter", "Network", "NormAdapter", "OFT", "OFTAdapter", "PRESETS", "Strategy",
+    "adapter_classes",
     "butterfly_factor", "changed_tensors", "extract_layer", "factorization", "kohya_metadata", "layer_pairs",
     "load_file", "lowrank_factors", "merge_into", "mismatched_tensors", "save_file",
 ]

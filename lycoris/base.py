@@ -17,8 +17,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import column_norm, kernel_size, layer_op, per_row, rank_mask, row_norm, weight_decompose
-from .targeting import PRESETS, Preset, lycoris_name, matches, supported_layers
+from .functional import (
+    SUPPORTED_LAYERS,
+    column_norm,
+    kernel_size,
+    layer_op,
+    per_row,
+    rank_mask,
+    row_norm,
+    weight_decompose,
+)
+from .targeting import PRESETS, Preset, lycoris_name, matches, norm_layers, supported_layers
 
 
 class Adapter(nn.Module):
@@ -39,6 +48,8 @@ class Adapter(nn.Module):
 
     #: File suffixes whose presence identifies this algorithm (checked by `lycoris.load_file`).
     signature: ClassVar[tuple[str, ...]] = ()
+    #: The layer kinds this adapter can wrap: a file that names another kind for these keys is refused on load.
+    layer_types: ClassVar[tuple[type[nn.Module], ...]] = SUPPORTED_LAYERS
     #: Parameters whose neutral value is not zero (DoRA's magnitudes start at ‖W0‖): weight decay, which pulls
     #: towards zero, would move the model away from the base even without data, so optimisers exempt them.
     no_weight_decay: ClassVar[tuple[str, ...]] = ("dora_scale",)
@@ -54,6 +65,9 @@ class Adapter(nn.Module):
         dora_on_output: bool = False,
     ):
         super().__init__()
+        if not isinstance(base, self.layer_types):
+            kinds = ", ".join(t.__name__ for t in self.layer_types)
+            raise ValueError(f"{type(self).__name__} adapts {kinds} layers, not {type(base).__name__}")
         object.__setattr__(self, "base", base)  # deliberately not registered: base weights stay the model's
         self.name = ""
         self.multiplier = 1.0
@@ -72,7 +86,7 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta_bias(self) -> Tensor | None:
-        """Δb for algorithms that train the bias (only `Full`)."""
+        """Δb for algorithms that train the bias (`Full`, and `NormAdapter` on norm layers)."""
         return None
 
     @property
@@ -304,9 +318,13 @@ class Strategy:
         exclude: glob patterns of module paths never to adapt.
         overrides: glob pattern → hyperparameters for the matching layers, e.g.
             ``{"*attn2*": {"dim": 16}}``; later patterns win.
+        train_norm: also train the affine weight and bias of the GroupNorm/LayerNorm layers that the preset
+            and targets select (`lycoris.NormAdapter`, the LyCORIS library's ``train_norm``), whatever the
+            algorithm; None: as the preset says, which is on for full only (the norms of its ResNet and
+            transformer blocks). With neither preset nor targets, True trains every norm layer.
     """
 
-    _TARGETING = frozenset({"preset", "targets", "exclude", "overrides"})
+    _TARGETING = frozenset({"preset", "targets", "exclude", "overrides", "train_norm"})
     #: The algorithm's name in LyCORIS metadata (``ss_network_args``); a user strategy defaults to its class name.
     algo: ClassVar[str] = ""
     #: The adapter that reads this algorithm's files back: what `lycoris.load_file` and `merge_into` use for the
@@ -326,10 +344,12 @@ class Strategy:
         targets: list[str] | None = None,
         exclude: list[str] | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
+        train_norm: bool | None = None,
     ):
         self.dim, self.alpha, self.conv_dim, self.conv_alpha = dim, alpha, conv_dim, conv_alpha
         self.dropout, self.rank_dropout, self.module_dropout = dropout, rank_dropout, module_dropout
         self.preset, self.targets, self.exclude = preset, targets, exclude or []
+        self.train_norm = train_norm
         self.overrides = dict(overrides or {})
         if preset is not None and preset not in PRESETS:
             raise ValueError(f"{type(self).__name__}: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -364,6 +384,11 @@ class Strategy:
     def common(self) -> dict[str, float]:
         """The regularisation arguments every `Adapter` takes."""
         return {"dropout": self.dropout, "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout}
+
+    @property
+    def trains_norm(self) -> bool:
+        """Whether the selected norm layers get a `lycoris.NormAdapter` (``train_norm``, resolved)."""
+        return self.preset == "full" if self.train_norm is None else self.train_norm
 
     def selects(self, path: str) -> bool:
         if matches(path, self.exclude):
@@ -402,6 +427,15 @@ class Strategy:
                 adapters[lycoris_name(prefix, path)] = strategy.make_adapter(layer, dim, alpha)
             except ValueError as err:
                 raise ValueError(f"{lycoris_name(prefix, path)} ({path}): {err}") from None
+        if self.trains_norm:
+            from .norm import NormAdapter  # norm.py builds on Adapter above: importing it at the top is a cycle
+
+            for _, path, layer in norm_layers(module):
+                if self.selects(path):
+                    strategy = self.for_layer(path)
+                    adapters[lycoris_name(prefix, path)] = NormAdapter(
+                        layer, dropout=strategy.dropout, rank_dropout=strategy.rank_dropout,
+                        module_dropout=strategy.module_dropout)
         if not adapters:
             raise ValueError(
                 f"{type(self).__name__} matched no layer of {type(module).__name__} "

@@ -20,6 +20,15 @@ def is_supported(layer: nn.Module) -> bool:
     return isinstance(layer, SUPPORTED_LAYERS) and getattr(layer, "groups", 1) == 1
 
 
+#: Normalisation layers whose affine weight and bias a `lycoris.NormAdapter` trains (the LyCORIS library's NormModule).
+NORM_LAYERS = (nn.GroupNorm, nn.LayerNorm)
+
+
+def is_norm(layer: nn.Module) -> bool:
+    """A GroupNorm/LayerNorm with an affine weight: one built without one has nothing to adapt."""
+    return isinstance(layer, NORM_LAYERS) and layer.weight is not None
+
+
 def kernel_size(layer: nn.Module) -> tuple[int, ...]:
     """The spatial kernel of a layer; () for Linear."""
     return tuple(layer.kernel_size) if isinstance(layer, nn.Conv1d | nn.Conv2d) else ()
@@ -31,9 +40,14 @@ def in_out(layer: nn.Module) -> tuple[int, int]:
 
 
 def layer_op(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Run ``layer``'s operation (stride, padding, dilation, padding mode included) with another weight."""
+    """Run ``layer``'s operation (stride, padding, dilation, padding mode; groups and eps of a norm) with another
+    weight."""
     if isinstance(layer, nn.Linear):
         return F.linear(x, weight, bias)
+    if isinstance(layer, nn.GroupNorm):
+        return F.group_norm(x, layer.num_groups, weight, bias, layer.eps)
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, weight, bias, layer.eps)
     return layer._conv_forward(x, weight, bias)
 
 

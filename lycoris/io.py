@@ -19,6 +19,9 @@ with ``strict=False``). Only safetensors is read: nothing is unpickled. The file
 Conventions worth knowing:
 
 - Every adapter starts at ΔW = 0 (one factor zero), so a fresh network leaves the model unchanged.
+- Norm layers (GroupNorm/LayerNorm, with ``train_norm``: preset full by default) store ``w_norm`` and ``b_norm``,
+  the differences of their affine weight and bias, whatever the algorithm of the other layers: the LyCORIS
+  library's keys, which ComfyUI and A1111 add to γ and β times the strength (`lycoris.NormAdapter`).
 - ``multiplier`` is linear for every algorithm: the layer computes with W0 + multiplier·ΔW, where
   ``delta_weights()`` gives ΔW (for OFT/BOFT, (IA)³, GLoRA and DoRA, ΔW depends on W0). Which algorithms
   A1111, ComfyUI and the LyCORIS library compute exactly from these files, at which strengths, is the
@@ -65,20 +68,24 @@ from .ia3 import IA3Adapter
 from .loha import LoHaAdapter
 from .lokr import LoKrAdapter
 from .lora import LoRAAdapter
+from .norm import NormAdapter
 from .oft import OFTAdapter
 from .targeting import layers_by_name, lycoris_name
 
 #: Adapter classes `load_file` recognises, tried in order. Pass your own tuple to add an algorithm.
 ALGORITHMS: tuple[type[Adapter], ...] = (
     LoRAAdapter, LoHaAdapter, LoKrAdapter, OFTAdapter, BOFTAdapter, GLoRAAdapter, IA3Adapter, FullAdapter,
+    NormAdapter,
 )
 
-#: What ``algorithms=`` takes: an adapter class, or a strategy (class or instance), read by its ``adapter_class``.
+#: What ``algorithms=`` takes: an adapter class, or a strategy (class or instance), read by its ``adapter_class``
+#: (and by `NormAdapter`, which every strategy that trains norms writes beside it).
 Algorithm = type[Adapter] | type[Strategy] | Strategy
 
 
 def adapter_classes(algorithms: Iterable[Algorithm]) -> tuple[type[Adapter], ...]:
-    """The adapter classes that read ``algorithms``' files, in order; TypeError naming any other item."""
+    """The adapter classes that read ``algorithms``' files, in order; TypeError naming any other item. A strategy
+    stands for its ``adapter_class`` followed by `NormAdapter`: its files hold its norm layers too."""
     classes = []
     for algorithm in algorithms:
         cls = type(algorithm) if isinstance(algorithm, Strategy) else algorithm
@@ -87,9 +94,11 @@ def adapter_classes(algorithms: Iterable[Algorithm]) -> tuple[type[Adapter], ...
             if not (isinstance(cls, type) and issubclass(cls, Adapter)):
                 raise TypeError(f"{strategy.__module__}.{strategy.__qualname__} sets no adapter_class: give it "
                                 "`adapter_class = <its Adapter subclass>` so that its files can be read")
-        elif not (isinstance(cls, type) and issubclass(cls, Adapter)):
+            classes += [cls, NormAdapter]
+        elif isinstance(cls, type) and issubclass(cls, Adapter):
+            classes.append(cls)
+        else:
             raise TypeError(f"{algorithm!r} is neither a lycoris.Adapter class nor a lycoris.Strategy")
-        classes.append(cls)
     return tuple(classes)
 
 

@@ -204,3 +204,36 @@ def test_merge_into_bakes_files_in_order(tmp_path):
     assert "forward" not in merged[0].__dict__  # nothing attached: plain layers
     torch.testing.assert_close(merged[0].weight, base[0].weight + deltas[0] + 0.5 * deltas[1])
     assert math.isfinite(merged(x).sum().item())
+
+
+@pytest.mark.parametrize("norm", [nn.GroupNorm(4, 16), nn.LayerNorm(16)], ids=["groupnorm", "layernorm"])
+def test_norm_adapter_on_a_bfloat16_norm_trains_float32_deltas(norm):
+    """A bf16 base norm (``weight_dtype: bfloat16``): w_norm/b_norm stay float32 and get float32 gradients, the layer
+    computes in bf16 with γ + m·w_norm and β + m·b_norm rounded once, and merging adds them to the bf16 weights."""
+    torch.manual_seed(0)
+    model = nn.Sequential(norm).to(torch.bfloat16)
+    base = copy.deepcopy(model[0])
+    net = lycoris.Full(train_norm=True).apply(model)
+    (adapter,) = net.adapters()
+    assert isinstance(adapter, lycoris.NormAdapter)
+    assert {n: (p.dtype, tuple(p.shape)) for n, p in adapter.named_parameters()} == {
+        "w_norm": (torch.float32, (16,)), "b_norm": (torch.float32, (16,))}
+    with torch.no_grad():
+        adapter.w_norm.normal_(std=0.1)
+        adapter.b_norm.normal_(std=0.1)
+    net.multiplier = 0.5
+    x = torch.randn(2, 16, 3, 3) if isinstance(norm, nn.GroupNorm) else torch.randn(2, 3, 16)
+    out = model(x.bfloat16())
+    assert out.dtype == torch.bfloat16
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        ref.weight.copy_(base.weight.float() + 0.5 * adapter.w_norm)
+        ref.bias.copy_(base.bias.float() + 0.5 * adapter.b_norm)
+        torch.testing.assert_close(out, ref(x.bfloat16()), atol=0, rtol=0)
+    out.float().square().sum().backward()
+    assert all(p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0 for p in adapter.parameters())
+    assert model[0].weight.grad is None and not model[0].weight.requires_grad
+    net.merge()
+    torch.testing.assert_close(model[0].weight, ref.weight)  # bf16(γ) + bf16(m·w_norm): one more rounding
+    net.unmerge()
+    assert torch.equal(model[0].weight, base.weight) and torch.equal(model[0].bias, base.bias)

@@ -38,7 +38,8 @@ DIFFUSERS_DORA = ("diffusers drops every dora_scale key of an SD 1.x file ('a Do
 
 @pytest.mark.parametrize(("name", "strategy"), [
     ("lora", lycoris.LoRA(dim=4, alpha=2, preset="attn-mlp")),
-    ("locon", lycoris.LoRA(dim=4, alpha=2, conv_dim=2, conv_alpha=1, preset="full")),  # 3x3 resnet convs too
+    # 3x3 resnet convs too; not the block norms `full` also trains: diffusers refuses w_norm/b_norm keys.
+    ("locon", lycoris.LoRA(dim=4, alpha=2, conv_dim=2, conv_alpha=1, preset="full", train_norm=False)),
     *[pytest.param(name, strategy, marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=DIFFUSERS_DORA))
       for name, strategy in [
           ("dora", lycoris.LoRA(dim=4, alpha=2, weight_decompose=True, preset="attn-mlp")),

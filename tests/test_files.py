@@ -24,6 +24,15 @@ ATTN_ONLY_UNET = {
 }
 
 
+#: The tiny UNet's norm layers inside its Transformer2DModels and its ResNet blocks (every norm but conv_norm_out).
+UNET_TRANSFORMER_NORMS = {f"lora_unet_{block}_attentions_{i}_{norm}" for block, i in (
+    ("down_blocks_0", 0), ("mid_block", 0), ("up_blocks_1", 0), ("up_blocks_1", 1))
+    for norm in ("norm", "transformer_blocks_0_norm1", "transformer_blocks_0_norm2", "transformer_blocks_0_norm3")}
+UNET_RESNET_NORMS = {f"lora_unet_{block}_resnets_{i}_norm{j}" for block, n in (
+    ("down_blocks_0", 1), ("down_blocks_1", 1), ("mid_block", 2), ("up_blocks_0", 2), ("up_blocks_1", 2))
+    for i in range(n) for j in (1, 2)}
+
+
 def unet_inputs(seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([10, 500]), torch.randn(2, 7, 32, generator=gen)
@@ -54,7 +63,9 @@ def test_presets_select_the_expected_layers(unet, text_encoder):
     rest = names["full"] - names["attn-mlp"]
     assert {"lora_unet_conv_in", "lora_unet_conv_out", "lora_unet_time_embedding_linear_1",
             "lora_unet_down_blocks_0_resnets_0_conv1", "lora_unet_down_blocks_0_downsamplers_0_conv"} <= rest
-    assert not any("attentions" in n for n in rest)
+    # full also trains the norms of the ResNet and transformer blocks (train_norm: see test_train_norm_*).
+    assert not any("attentions" in n for n in rest - UNET_TRANSFORMER_NORMS)
+    assert rest >= UNET_TRANSFORMER_NORMS | UNET_RESNET_NORMS
 
     te = {a.name for a in lycoris.LoRA(preset="attn-only").apply(copy.deepcopy(text_encoder), "lora_te").adapters()}
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj" in te and len(te) == 2 * 4
@@ -272,3 +283,85 @@ def test_kohya_sd_scripts_lora_file_loads(tmp_path, unet, text_encoder):
     torch.testing.assert_close(deltas[q], up_down(q) * 1.0 / 4)
     torch.testing.assert_close(deltas[conv], (up_down(conv) * 1.0).reshape(32, 32, 3, 3))  # no alpha: alpha = rank
     torch.testing.assert_close(deltas[te], up_down(te) * 4.0 / 8)
+
+
+# -- norm layers (train_norm) ---------------------------------------------------------------------------------
+def norm_names(model, prefix="lora_unet", **kwargs) -> set[str]:
+    net = lycoris.LoRA(**kwargs).apply(copy.deepcopy(model), prefix)
+    assert all(isinstance(a, lycoris.NormAdapter) == ("norm" in a.name) for a in net.adapters())
+    return {a.name for a in net.adapters() if isinstance(a, lycoris.NormAdapter)}
+
+
+def test_train_norm_follows_the_preset_unless_given(unet, text_encoder):
+    """train_norm=None: norms train with preset full only, those of its ResNet and transformer blocks: what the LyCORIS
+    library's train_norm reaches with its presets (its text-encoder modules, CLIPAttention and CLIPMLP, hold no norm),
+    and what both UIs place (lycoris/targeting.py). train_norm=True/False decides for any preset."""
+    assert norm_names(unet, preset="full") == UNET_TRANSFORMER_NORMS | UNET_RESNET_NORMS
+    assert norm_names(unet, preset="attn-mlp") == norm_names(unet, preset="attn-only") == set()
+    assert norm_names(unet, preset="attn-mlp", train_norm=True) == UNET_TRANSFORMER_NORMS  # the blocks it adapts
+    assert norm_names(unet, preset="attn-only", train_norm=True) == set()
+    assert norm_names(unet, preset="full", train_norm=False) == set()
+    assert norm_names(unet, preset="full", exclude=["*resnets*"]) == UNET_TRANSFORMER_NORMS
+    # No preset, no targets: every norm layer, as every Linear/Conv layer.
+    assert norm_names(unet, train_norm=True) == UNET_TRANSFORMER_NORMS | UNET_RESNET_NORMS | {"lora_unet_conv_norm_out"}
+    assert norm_names(text_encoder, "lora_te", preset="full") == set()
+    te_norms = {f"lora_te_text_model_encoder_layers_{i}_layer_norm{j}" for i in (0, 1) for j in (1, 2)}
+    assert norm_names(text_encoder, "lora_te", train_norm=True) == te_norms | {"lora_te_text_model_final_layer_norm"}
+    assert norm_names(text_encoder, "lora_te", targets=["*layer_norm1"], train_norm=True) == {
+        f"lora_te_text_model_encoder_layers_{i}_layer_norm1" for i in (0, 1)}
+    assert lycoris.LoRA(preset="full", train_norm=False).network_args()["train_norm"] is False  # ss_network_args
+    assert "train_norm" not in lycoris.LoRA(preset="full").network_args()
+
+
+def test_full_preset_file_with_norms_round_trips(tmp_path, unet, text_encoder):
+    """w_norm/b_norm, shaped as the norm's weight, next to the algorithm's keys: saved, loaded (exactly, also from
+    float16), merged with merge_into."""
+    base_unet, base_te = copy.deepcopy(unet), copy.deepcopy(text_encoder)
+    strategy = lycoris.LoRA(dim=2, alpha=1, preset="full", targets=["*layer_norm*"])  # the CLIP norms too
+    unet_net, te_net = strategy.apply(unet, "lora_unet"), strategy.apply(text_encoder, "lora_te")
+    randomize(unet_net, te_net)
+    inputs, ids = unet_inputs(), torch.tensor([[0, 5, 9, 1]])
+    want_unet, want_te = run(unet, inputs), text_encoder(ids).last_hidden_state
+    path = lycoris.save_file(tmp_path / "a.safetensors", {"lora_unet": unet_net, "lora_te": te_net})
+    tensors = read_tensors(path)
+    norm = "lora_unet_mid_block_resnets_1_norm2"
+    assert {k for k in tensors if k.startswith(norm + ".")} == {f"{norm}.w_norm", f"{norm}.b_norm"}
+    assert tensors[f"{norm}.w_norm"].shape == tensors[f"{norm}.b_norm"].shape == (64,)
+    assert "lora_te_text_model_final_layer_norm.w_norm" in tensors
+
+    fresh_unet, fresh_te = copy.deepcopy(base_unet), copy.deepcopy(base_te)
+    nets = lycoris.load_file(path, {"lora_unet": fresh_unet, "lora_te": fresh_te})
+    for prefix, net in (("lora_unet", unet_net), ("lora_te", te_net)):
+        loaded = nets[prefix].state_dict()
+        assert loaded.keys() == net.state_dict().keys()
+        assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+    torch.testing.assert_close(run(fresh_unet, inputs), want_unet, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fresh_te(ids).last_hidden_state, want_te, atol=1e-5, rtol=1e-5)
+
+    merged_unet, merged_te = copy.deepcopy(base_unet), copy.deepcopy(base_te)
+    lycoris.merge_into({"lora_unet": merged_unet, "lora_te": merged_te}, [(path, 1.0)])
+    torch.testing.assert_close(merged_unet.get_submodule("mid_block.resnets.1.norm2").bias,
+                               base_unet.get_submodule("mid_block.resnets.1.norm2").bias + tensors[f"{norm}.b_norm"])
+    torch.testing.assert_close(run(merged_unet, inputs), want_unet, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(merged_te(ids).last_hidden_state, want_te, atol=1e-5, rtol=1e-5)
+
+    half = lycoris.save_file(tmp_path / "h.safetensors", {"lora_unet": unet_net}, dtype=torch.float16)
+    (loaded,) = lycoris.load_file(half, {"lora_unet": copy.deepcopy(base_unet)}).values()
+    torch.testing.assert_close(loaded.delta_weights()[norm], unet_net.delta_weights()[norm].half().float())
+
+
+def test_bad_norm_files_are_refused_with_the_key_at_fault(tmp_path, unet):
+    norm, linear = "lora_unet_mid_block_resnets_0_norm1", "lora_unet_mid_block_attentions_0_proj_in"
+    cases = {
+        "on_linear": ({f"{linear}.w_norm": torch.zeros(64), f"{linear}.b_norm": torch.zeros(64)},
+                      r"proj_in does not fit .*NormAdapter adapts GroupNorm, LayerNorm layers, not Conv2d"),
+        "lora_on_norm": ({f"{norm}.lora_down.weight": torch.zeros(2, 64), f"{norm}.lora_up.weight": torch.zeros(64, 2)},
+                         r"norm1 does not fit .*LoRAAdapter adapts Linear, Conv1d, Conv2d layers, not GroupNorm"),
+        "wrong_size": ({f"{norm}.w_norm": torch.zeros(32), f"{norm}.b_norm": torch.zeros(64)},
+                       r"norm1.w_norm has shape \(32,\) in the file, but .* needs \(64,\)"),
+        "no_bias": ({f"{norm}.w_norm": torch.zeros(64)}, r"norm1: missing \['b_norm'\] for NormAdapter"),
+    }
+    for case, (tensors, message) in cases.items():
+        write_tensors(tensors, str(tmp_path / f"{case}.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            lycoris.load_file(tmp_path / f"{case}.safetensors", {"lora_unet": copy.deepcopy(unet)})

@@ -8,6 +8,9 @@
    needed (nor installed) to run these tests.
 2. kohya sd-scripts LoRA/LoCon files (``lora_down.weight``/``lora_up.weight``/``alpha``, alpha sometimes
    absent, fp16 or bf16), built here: ΔW must be up·down·α/r and the models must compute with W0 + ΔW.
+3. Norm layers (``train_norm``, keys ``w_norm``/``b_norm``), both ways: the library's own train_norm files load
+   here and reproduce its outputs, and lycoflow's preset-full file loaded by the library computed what lycoflow
+   computes. See tests/fixtures/lycoris_lib/sd_tiny_norm/README.md.
 
 Where our semantics deliberately differ from the library's (see the xfail reasons), the test is kept and
 marked ``xfail(strict=True)``, so that a change on either side shows.
@@ -16,9 +19,8 @@ marked ``xfail(strict=True)``, so that a change on either side shows.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
-import math
-import zlib
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file as read_tensors
 from safetensors.torch import save_file as write_tensors
+from tiny_sd import build_models  # tests/tiny_sd.py
 
 import lycoris
 
@@ -77,41 +80,6 @@ STRENGTH_REASONS = {
     "dora": DORA_STRENGTH_REASON,
     "lokr_dora": DORA_STRENGTH_REASON,
 }
-
-
-# -- the models the fixtures were made on ------------------------------------------------------------
-def reinit_(model: torch.nn.Module) -> torch.nn.Module:
-    """Every parameter a pure function of its name, as when the fixtures were made (so that neither torch's
-    default initialisation nor the order modules are built in matters): u ~ U(-1, 1) from a CPU generator
-    seeded with crc32(name); matrices/kernels u/sqrt(fan_in), biases 0.1u, norm weights 1 + 0.1u."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            u = torch.rand(p.shape, generator=g, dtype=torch.float32) * 2 - 1
-            if p.dim() >= 2:
-                p.copy_(u / math.sqrt(p[0].numel()))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * u)
-            else:
-                p.copy_(1 + 0.1 * u)
-    return model
-
-
-def build_models():
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )
-    te = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
-    ))
-    return reinit_(unet).eval(), reinit_(te).eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -312,3 +280,94 @@ def test_kohya_sd_scripts_lora_file(dtype, models, pristine, inputs, tmp_path):
     assert_matches(run(models, inputs), run((manual_unet, manual_te), inputs), "kohya file")
     base = (inputs["unet.base"], inputs["te.base"])
     assert all((got - ref).norm() > 0.03 * ref.norm() for got, ref in zip(run(models, inputs), base))
+
+
+# -- 3. norm layers (train_norm) ------------------------------------------------------------------------------
+NORM_FIXTURES = FIXTURES.parent / "sd_tiny_norm"
+#: case → the adapter class of the layers that are not norms.
+NORM_CASES = {"locon_norm": lycoris.LoRAAdapter, "full_norm": lycoris.FullAdapter}
+
+
+def made(path: Path) -> dict:
+    """How a fixture of sd_tiny_norm was made: its metadata ``library`` (JSON)."""
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["library"])
+
+
+def norm_expected(path: Path, multiplier: float) -> tuple[torch.Tensor, torch.Tensor]:
+    out = read_tensors(str(path))
+    return out[f"unet.m{multiplier}"], out[f"te.m{multiplier}"]
+
+
+@pytest.mark.parametrize("case", NORM_CASES)
+def test_library_train_norm_file_reproduces_library_outputs(case, models, inputs, tmp_path):
+    """w_norm/b_norm from the library's NormModule (UNet ResNet and transformer norms, conv_norm_out, the CLIP
+    layer norms and final_layer_norm) next to LoCon or full diffs: the same outputs at multiplier 1 and 0.5, merged
+    too, and again once re-saved by us."""
+    path, outputs = NORM_FIXTURES / f"{case}.safetensors", NORM_FIXTURES / f"{case}.outputs.safetensors"
+    meta = made(outputs)
+    assert meta["lycoris-lora"] == "4.1.3" and meta["entry_point"] == "lycoris.kohya.create_network"
+    assert meta["kwargs"]["train_norm"] is True
+    with safe_open(str(path), "pt") as f:
+        assert "sshs_model_hash" in f.metadata()  # written by the library's save_weights
+
+    nets = lycoris.load_file(path, {"lora_unet": models[0], "lora_te": models[1]})
+    adapters = [a for net in nets.values() for a in net.adapters()]
+    assert len(adapters) == len(file_layers(path))  # every layer of the file was placed
+    norms = [a for a in adapters if isinstance(a, lycoris.NormAdapter)]
+    assert len(norms) == meta["modules"]["NormModule"] and {a.name for a in norms} >= {
+        "lora_unet_conv_norm_out", "lora_te_text_model_final_layer_norm"}
+    assert all(type(a) is NORM_CASES[case] for a in adapters if a not in norms)
+    for multiplier in (1.0, 0.5):
+        for net in nets.values():
+            net.multiplier = multiplier
+        assert_matches(run(models, inputs), norm_expected(outputs, multiplier), f"{case}: multiplier {multiplier}")
+    for net in nets.values():
+        net.multiplier = 1.0
+        net.merge()
+    want = norm_expected(outputs, 1.0)
+    assert_matches(run(models, inputs), want, f"{case}: merged")
+    ours = lycoris.save_file(tmp_path / f"{case}.safetensors", nets)
+    for net in nets.values():
+        net.remove()
+    lycoris.load_file(ours, {"lora_unet": models[0], "lora_te": models[1]})
+    assert_matches(run(models, inputs), want, f"{case}: re-saved by us")
+
+
+@pytest.mark.parametrize("case", NORM_CASES)
+def test_library_train_norm_outputs_depend_on_the_norms(case, pristine, inputs, tmp_path):
+    """The comparison above would see norms left out: without its w_norm/b_norm keys a file gives other outputs."""
+    tensors = read_tensors(str(NORM_FIXTURES / f"{case}.safetensors"))
+    write_tensors({k: v for k, v in tensors.items() if not k.endswith(("w_norm", "b_norm"))},
+                  str(tmp_path / "no_norms.safetensors"))
+    models = copy.deepcopy(pristine)
+    lycoris.load_file(tmp_path / "no_norms.safetensors", {"lora_unet": models[0], "lora_te": models[1]})
+    want = norm_expected(NORM_FIXTURES / f"{case}.outputs.safetensors", 1.0)
+    for got, ref in zip(run(models, inputs), want):
+        assert (got - ref).norm() > 0.01 * ref.norm()
+
+
+def test_library_reproduces_lycoflow_train_norm_file(models, inputs, tmp_path):
+    """lycoflow's preset-full LoCon file with its norms, loaded by the library's kohya
+    ``create_network_from_weights`` on the UNet: one module per layer (NormModule for every w_norm), no key left
+    unused, and the library's outputs are ours, at multiplier 1 and 0.5. The fixture is what lycoflow writes
+    today (make_files.py there rebuilds it)."""
+    spec = importlib.util.spec_from_file_location("sd_tiny_norm_make_files", NORM_FIXTURES / "make_files.py")
+    make_files = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_files)
+    fresh = read_tensors(str(make_files.write(tmp_path / "now.safetensors")))
+    stored = read_tensors(str(make_files.FILE))
+    assert fresh.keys() == stored.keys() and all(torch.equal(fresh[k], stored[k]) for k in stored)
+
+    library = NORM_FIXTURES / "lycoflow_locon_norm.library.safetensors"
+    meta = made(library)
+    assert meta["lycoris-lora"] == "4.1.3" and meta["unused_keys"] == []
+    (net,) = lycoris.load_file(make_files.FILE, {"lora_unet": models[0]}).values()
+    norms = sum(isinstance(a, lycoris.NormAdapter) for a in net.adapters())
+    assert meta["modules"] == {"LoConModule": len(net.adapters()) - norms, "NormModule": norms} and norms == 32
+    out = read_tensors(str(library))
+    for multiplier in (1.0, 0.5):
+        net.multiplier = multiplier
+        unet_y, _ = run(models, inputs)
+        torch.testing.assert_close(unet_y, out[f"unet.m{multiplier}"], rtol=1e-5,
+                                   atol=1e-5 * out[f"unet.m{multiplier}"].abs().max().item())

@@ -1,6 +1,9 @@
 """The invariant matrix: every algorithm × every layer kind satisfies the adapter contract — ΔW in W0's shape with
 the scale applied once, a forward computing with W0 + multiplier·ΔW, exact merge and unmerge, a file that loads
-back — and every strategy keeps its constructor arguments under their own names."""
+back — and every strategy keeps its constructor arguments under their own names. Norm layers (GroupNorm,
+LayerNorm) get the same checks for the `lycoris.NormAdapter` that strategies build on them with ``train_norm``:
+one code path for every strategy (`Strategy.apply`), so a few strategies stand for all here, and
+`test_every_strategy_trains_norms_with_the_norm_adapter` checks that each built-in one builds it."""
 
 import copy
 import inspect
@@ -10,7 +13,6 @@ import torch
 from torch import nn
 
 import lycoris
-from lycoris.functional import layer_op
 
 LAYERS = {
     "linear": lambda: nn.Linear(16, 32),
@@ -19,12 +21,28 @@ LAYERS = {
     "conv2d_3x3_s2": lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1),
     "conv2d_3x3_dilated_reflect": lambda: nn.Conv2d(16, 32, 3, padding=2, dilation=2, padding_mode="reflect"),
 }
+
+
+def affine(norm: nn.Module) -> nn.Module:
+    """A norm layer whose affine weight and bias are not the identity's (so that "add" and "replace" differ)."""
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.2 * torch.randn_like(norm.weight))
+        norm.bias.copy_(0.2 * torch.randn_like(norm.bias))
+    return norm
+
+
+NORMS = {
+    "groupnorm": lambda: affine(nn.GroupNorm(4, 16)),
+    "layernorm": lambda: affine(nn.LayerNorm(16)),
+}
 INPUTS = {
     "linear": (2, 5, 16),
     "conv1d": (2, 16, 9),
     "conv2d_1x1": (2, 16, 6, 6),
     "conv2d_3x3_s2": (2, 16, 7, 7),
     "conv2d_3x3_dilated_reflect": (2, 16, 6, 6),
+    "groupnorm": (2, 16, 5, 5),
+    "layernorm": (2, 5, 16),
 }
 STRATEGIES = {
     "lora": lambda: lycoris.LoRA(dim=4, alpha=2),
@@ -50,23 +68,26 @@ STRATEGIES = {
     "full": lambda: lycoris.Full(),
 }
 MULTIPLIER = 0.7
+NORM_STRATEGIES = ("lora", "dora", "full")  # a plain, a DoRA (whose options a norm adapter must not take), native
+
+#: (layer kind, strategy) cells: every strategy on every weight layer, the norm adapter's strategies on the norms.
+CELLS = [(layer, strategy) for layer in LAYERS for strategy in STRATEGIES] + [
+    (norm, strategy) for norm in NORMS for strategy in NORM_STRATEGIES]
+cells = pytest.mark.parametrize(("layer_kind", "strategy_name"), CELLS, ids=[f"{l}-{s}" for l, s in CELLS])
 
 
-@pytest.fixture(params=list(LAYERS))
-def layer_kind(request):
-    return request.param
-
-
-@pytest.fixture(params=list(STRATEGIES))
-def strategy_name(request):
-    return request.param
+def make_strategy(layer_kind, strategy_name):
+    strategy = STRATEGIES[strategy_name]()
+    if layer_kind in NORMS:
+        strategy = type(strategy)(**(strategy.settings() | {"train_norm": True}))
+    return strategy
 
 
 def build(layer_kind, strategy_name, seed=0):
     torch.manual_seed(seed)
-    model = nn.Sequential(LAYERS[layer_kind]())
+    model = nn.Sequential((LAYERS | NORMS)[layer_kind]())
     original = copy.deepcopy(model)
-    net = STRATEGIES[strategy_name]().apply(model, prefix="lora_unet")
+    net = make_strategy(layer_kind, strategy_name).apply(model, prefix="lora_unet")
     x = torch.randn(INPUTS[layer_kind])
     return model, original, net, x
 
@@ -79,14 +100,17 @@ def randomize(net):
 
 
 def expected(original, net, x, multiplier):
-    layer = original[0]
+    """The original layer's own forward, its weight (and bias) replaced by W0 + multiplier·ΔW (b0 + multiplier·Δb)."""
+    layer = copy.deepcopy(original[0])
     adapter = net.adapters()[0]
-    weight = layer.weight + multiplier * adapter.delta_weight()
+    layer.weight.add_(multiplier * adapter.delta_weight())
     db = adapter.delta_bias()
-    bias = layer.bias if db is None else layer.bias + multiplier * db
-    return layer_op(layer, x, weight, bias)
+    if db is not None:
+        layer.bias.add_(multiplier * db)
+    return layer(x)
 
 
+@cells
 @torch.no_grad()
 def test_contract(layer_kind, strategy_name):
     model, original, net, x = build(layer_kind, strategy_name)
@@ -124,6 +148,7 @@ def test_contract(layer_kind, strategy_name):
     torch.testing.assert_close(model(x), base_out, atol=0, rtol=0)
 
 
+@cells
 def test_only_adapter_parameters_train(layer_kind, strategy_name):
     model, _, net, x = build(layer_kind, strategy_name)
     assert not any(p.requires_grad for p in model.parameters())
@@ -136,6 +161,7 @@ def test_only_adapter_parameters_train(layer_kind, strategy_name):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
+@cells
 @torch.no_grad()
 def test_save_load_roundtrip(tmp_path, layer_kind, strategy_name):
     model, original, net, x = build(layer_kind, strategy_name)
@@ -144,7 +170,7 @@ def test_save_load_roundtrip(tmp_path, layer_kind, strategy_name):
     want = model(x)
     path = lycoris.save_file(tmp_path / "a.safetensors", {"lora_unet": net})
     # Read by the built-in table, and by the strategy's own adapter_class alone.
-    for algorithms in (lycoris.ALGORITHMS, [STRATEGIES[strategy_name]()]):
+    for algorithms in (lycoris.ALGORITHMS, [make_strategy(layer_kind, strategy_name)]):
         fresh = copy.deepcopy(original)
         loaded = lycoris.load_file(path, {"lora_unet": fresh}, algorithms=algorithms)["lora_unet"]
         loaded.eval()
@@ -175,3 +201,20 @@ def test_a_strategy_stores_each_constructor_argument_under_its_own_name(cls):
     assert type(strategy)(**strategy.settings()).settings() == strategy.settings()
     assert cls in {type(make()) for make in STRATEGIES.values()}, "every built-in strategy runs the matrix above"
     assert issubclass(cls.adapter_class, lycoris.Adapter) and cls.adapter_class in lycoris.ALGORITHMS
+
+
+@pytest.mark.parametrize("cls", BUILT_IN, ids=lambda cls: cls.__name__)
+def test_every_strategy_trains_norms_with_the_norm_adapter(cls):
+    """With train_norm, every algorithm (Full included, as the LyCORIS library's full + train_norm) puts a
+    `NormAdapter` on the norm layers and its own adapter on the others; the norms start unchanged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), NORMS["groupnorm"](), NORMS["layernorm"]())
+    net = cls(dim=4, train_norm=True).apply(model)
+    kinds = {name: type(adapter) for name, adapter in net.named_children()}
+    assert kinds.keys() == {"lora_unet_0", "lora_unet_1", "lora_unet_2"}
+    assert issubclass(kinds["lora_unet_0"], cls.adapter_class)  # DyLoRA's adapter is a LoRA one
+    assert kinds["lora_unet_1"] is kinds["lora_unet_2"] is lycoris.NormAdapter
+    assert all(not d.any() for name, d in net.delta_weights().items() if name != "lora_unet_0")
+    # Without train_norm and without preset, norms are left alone.
+    plain = cls(dim=4).apply(nn.Sequential(nn.GroupNorm(4, 16), nn.Linear(16, 16)))
+    assert [a.name for a in plain.adapters()] == ["lora_unet_1"]

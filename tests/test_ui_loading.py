@@ -1,10 +1,10 @@
 """Do ComfyUI and A1111 compute, from lycoflow's files, the weight lycoflow trained? Behaviour, not key names.
 
-For every algorithm variant lycoflow writes, a small model (a Linear 16→24, a 3×3 and a 1×1 Conv2d 16→24,
-float64) gets the variant's adapters with seeded random, non-neutral parameters (ΔW ≠ 0), is saved with
-`lycoris.save_file`, and the file's tensors are handed to restatements of each UI's weight computation
-(``tests/uis.py``, from the UIs' source). The weight (and bias) the UI would run with must equal lycoflow's own
-W0 + s·ΔW (``Adapter.delta_weight``), at strength s = 1 and 0.5.
+For every algorithm variant lycoflow writes, a small model (a Linear 16→24, a 3×3 and a 1×1 Conv2d 16→24, and for
+the norm variant a GroupNorm and a LayerNorm of 24 channels, float64) gets the variant's adapters with seeded
+random, non-neutral parameters (ΔW ≠ 0), is saved with `lycoris.save_file`, and the file's tensors are handed to
+restatements of each UI's weight computation (``tests/uis.py``, from the UIs' source). The weight (and bias) the UI
+would run with must equal lycoflow's own W0 + s·ΔW (``Adapter.delta_weight``), at strength s = 1 and 0.5.
 
 Cells where a UI computes something else are kept, as ``xfail(strict=True, raises=AssertionError)`` with the
 UI's source in the reason, so that a fix on either side fails the suite and the README table gets updated;
@@ -32,6 +32,7 @@ from lycoris.targeting import lycoris_name, supported_layers
 
 LAYERS = ("linear", "conv3x3", "conv1x1")
 CONVS = ("conv3x3", "conv1x1")
+NORM_LAYERS = ("groupnorm", "layernorm")  # the norm variant's layers (the other variants leave them alone)
 STRENGTHS = (1.0, 0.5)
 UIS = ("comfyui", "a1111")
 PATCH = {"comfyui": uis.comfy_patch, "a1111": uis.a1111_patch}
@@ -59,6 +60,7 @@ VARIANTS: dict[str, Callable[[], lycoris.Strategy]] = {
     "ia3": lambda: lycoris.IA3(),
     "ia3_on_input": lambda: lycoris.IA3(train_on_input=True),
     "full": lambda: lycoris.Full(),
+    "norm": lambda: lycoris.Full(targets=["*norm"], train_norm=True),  # w_norm/b_norm on the norms only
     "dora_lora": lambda: lycoris.LoRA(dim=4, alpha=2, weight_decompose=True),
     "dora_loha": lambda: lycoris.LoHa(dim=4, alpha=2, weight_decompose=True),
     "dora_lokr": lambda: lycoris.LoKr(dim=2, alpha=3, weight_decompose=True),
@@ -73,8 +75,9 @@ COMFY_READER = {v: "lora" for v in ("lora", "lora_tucker", "dylora", "dora_lora"
     v: "lokr" for v in VARIANTS if "lokr" in v} | {
     "glora": "glora", "oft": "oft", "oft_constrained": "oft", "oft_constrained_inactive": "oft",
     "oft_rescaled": "oft", "boft": "boft", "boft_constrained": "boft", "boft_rescaled": "boft",
-    "ia3": None, "ia3_on_input": None, "full": "diff"}
-A1111_TYPE = {v: {"lora": "lora", "loha": "hada", "diff": "full"}.get(r, r) for v, r in COMFY_READER.items()} | {
+    "ia3": None, "ia3_on_input": None, "full": "diff", "norm": "w_norm"}
+A1111_TYPE = {v: {"lora": "lora", "loha": "hada", "diff": "full", "w_norm": "norm"}.get(r, r)
+              for v, r in COMFY_READER.items()} | {
     "boft": "oft", "boft_constrained": "oft", "boft_rescaled": "oft", "ia3": "ia3", "ia3_on_input": "ia3"}
 
 # -- what each UI is known to compute differently (source in each reason) ----------------------------------------
@@ -126,7 +129,18 @@ def small_model() -> nn.Module:
     model.linear = nn.Linear(16, 24)
     model.conv3x3 = nn.Conv2d(16, 24, 3, padding=1)
     model.conv1x1 = nn.Conv2d(16, 24, 1)
+    model.groupnorm = nn.GroupNorm(4, 24)
+    model.layernorm = nn.LayerNorm(24)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # γ, β off (1, 0), so that a UI replacing them instead of adding would show
+        for norm in (model.groupnorm, model.layernorm):
+            norm.weight.copy_(1 + 0.2 * torch.randn(24, generator=gen))
+            norm.bias.copy_(0.2 * torch.randn(24, generator=gen))
     return model.double()
+
+
+def variant_layers(variant: str) -> tuple[str, ...]:
+    return NORM_LAYERS if variant == "norm" else LAYERS
 
 
 def randomize(net: lycoris.Network, seed: int) -> None:
@@ -176,6 +190,8 @@ def check_file(variant: str, layer: str, built: Layer) -> None:
             pytest.fail(f"{variant}/{layer}: ‖Q‖ = {q_norm(trained):.3g} does not exceed the constraint")
         if not q_norm(t) <= float(t["alpha"]) * (1 + 1e-6):
             pytest.fail(f"{variant}/{layer}: the file's ‖Q‖ = {q_norm(t):.3g} is over the constraint")
+    if variant == "norm" and set(t) != {"w_norm", "b_norm"}:
+        pytest.fail(f"{variant}/{layer}: keys {sorted(t)}, expected the LyCORIS library's w_norm and b_norm")
     if variant == "oft_constrained_inactive" and not q_norm(t) < float(t["alpha"]):
         pytest.fail(f"{variant}/{layer}: ‖Q‖ = {q_norm(t):.3g} is not below the constraint")
     if float(built.delta.abs().max()) < 1e-3:
@@ -195,7 +211,7 @@ def build_variant(variant: str, path) -> dict[str, Layer]:
     adapters = dict(net.named_children())
     layers = {}
     with torch.no_grad():
-        for layer in LAYERS:
+        for layer in variant_layers(variant):
             name = f"lora_unet_{layer}"
             adapter = adapters[name]
             base = getattr(model, layer)
@@ -227,7 +243,7 @@ def weight_cases():
         for ui in UIS:
             if ui == "comfyui" and COMFY_READER[variant] is None:
                 continue  # no reader: test_ui_has_no_reader
-            for layer in LAYERS:
+            for layer in variant_layers(variant):
                 for strength in STRENGTHS:
                     reason = known_difference(ui, variant, layer, strength)
                     marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
@@ -373,6 +389,8 @@ def test_unet_keys_comfyui(unet_kind):
     unet = UNETS[unet_kind]()
     truth = unet_truth(unet)
     names = written_names(unet, "lora_unet")
+    assert {"lora_unet_mid_block_resnets_0_norm1", "lora_unet_mid_block_attentions_0_norm",
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_norm3"} <= set(names)  # full trains norms too
     model_keys = [f"diffusion_model.{ldm}.weight" for ldm in truth.values()]
     key_map = uis.comfy_model_lora_keys_unet(model_keys, uis.comfy_unet_config(unet))
     wrong = {n: key_map.get(n) for n in names if key_map.get(n) != f"diffusion_model.{truth[n]}.weight"}
@@ -391,6 +409,7 @@ def test_unet_keys_a1111(unet_kind):
     unet = UNETS[unet_kind]()
     truth = unet_truth(unet)
     names = written_names(unet, "lora_unet")
+    assert "lora_unet_mid_block_resnets_0_norm1" in names  # full trains norms too
     layer_names = a1111_unet_layer_names(truth.values())
     found = {n: uis.a1111_find_module(n, layer_names) for n in names}
     wrong = {n: m for n, m in found.items() if m != "diffusion_model_" + truth[n].replace(".", "_")}

@@ -244,8 +244,8 @@ def comfy_boft(w0: Tensor, t: Tensors, strength: float) -> Tensor:
 
 
 def comfy_diff(w0: Tensor, diff: Tensor, strength: float) -> Tensor:
-    """ComfyUI comfy/lora.py ``calculate_weight``, patch type ``"diff"`` (from ``diff``, ``diff_b``, ``w_norm``):
-    W + s·diff when the shapes agree (a mismatch is logged and the weight left alone)."""
+    """ComfyUI comfy/lora.py ``calculate_weight``, patch type ``"diff"`` (from ``diff``, ``diff_b``, ``w_norm``,
+    ``b_norm``): W + s·diff when the shapes agree (a mismatch is logged and the weight left alone)."""
     if diff.shape != w0.shape:
         raise ComfyError(f"diff: shape mismatch {tuple(diff.shape)} != {tuple(w0.shape)}")
     return w0 + strength * diff
@@ -291,7 +291,9 @@ def comfy_patch(w0: Tensor, b0: Tensor | None, t: Tensors, strength: float) -> t
     """ComfyUI comfy/lora.py ``load_lora`` + ``calculate_weight``: the (weight, bias) a layer runs with.
 
     Every reader that claims the keys adds its patch (a later one replaces an earlier one for the same weight);
-    a patch whose computation raises is logged and skipped, leaving the weight as it was.
+    a patch whose computation raises is logged and skipped, leaving the weight as it was. The bias is patched by
+    ``b_norm`` (read only beside ``w_norm``: ``if w_norm is not None: ... if b_norm is not None``), then by
+    ``diff_b``, each a "diff" patch of ``<layer>.bias``.
     """
     w, b = w0.clone(), None if b0 is None else b0.clone()
     patch: Callable[[], Tensor] | None = None
@@ -305,9 +307,10 @@ def comfy_patch(w0: Tensor, b0: Tensor | None, t: Tensors, strength: float) -> t
             w = patch()
         except RuntimeError:  # ComfyError included: logged, weight kept
             w = w0.clone()
-    if b0 is not None and "diff_b" in t:
+    bias_key = "diff_b" if "diff_b" in t else "b_norm" if "w_norm" in t and "b_norm" in t else None
+    if b0 is not None and bias_key is not None:
         with contextlib.suppress(ComfyError):  # a shape mismatch is logged and the bias left alone
-            b = comfy_diff(b0, t["diff_b"], strength)
+            b = comfy_diff(b0, t[bias_key], strength)
     return w, b
 
 
@@ -593,6 +596,15 @@ class A1111Full(A1111Module):
         return self.finalize_updown(self.t["diff"], w0, self.t["diff"].shape, self.t.get("diff_b"))
 
 
+class A1111Norm(A1111Module):
+    """A1111 extensions-builtin/Lora/network_norm.py ``NetworkModuleNorm`` (built only when both ``w_norm`` and
+    ``b_norm`` are present): ΔW = ``w_norm``, Δb = ``b_norm`` (no dim: scale 1), for the GroupNorm/LayerNorm
+    layers networks.py patches like any other (``network_GroupNorm_forward``, ``network_LayerNorm_forward``)."""
+
+    def calc_updown(self, w0: Tensor):
+        return self.finalize_updown(self.t["w_norm"], w0, self.t["w_norm"].shape, self.t.get("b_norm"))
+
+
 class A1111Ia3(A1111Module):
     """A1111 extensions-builtin/Lora/network_ia3.py ``NetworkModuleIa3``: ΔW = W0 ⊙ w, with w = ``weight``
     reshaped to a column (one factor per output row) unless ``on_input`` (then broadcast as stored, against W0's
@@ -670,7 +682,7 @@ A1111_MODULE_TYPES: tuple[tuple[str, Callable[[Tensors], bool]], ...] = (
 )
 
 _A1111_CLASSES = {"lora": A1111Lora, "hada": A1111Hada, "ia3": A1111Ia3, "lokr": A1111Lokr, "full": A1111Full,
-                  "glora": A1111Glora, "oft": A1111Oft}
+                  "norm": A1111Norm, "glora": A1111Glora, "oft": A1111Oft}
 
 
 def a1111_module_type(t: Tensors) -> str | None:
