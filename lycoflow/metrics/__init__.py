@@ -14,8 +14,8 @@ from typing import Any
 from .specs import BY_NAME, COLUMNS, CRITERIA, METRICS, MetricSpec
 
 _LAZY = {
-    **dict.fromkeys(("CLIP", "VGG19", "DINOv2", "ImageEmbedder", "StyleFeatures", "TextImageEmbedder", "TinyCLIP",
-                     "TinyDINOv2", "TinyVGG19", "EncoderError"), "encoders"),
+    **dict.fromkeys(("CLIP", "OpenCLIP", "VGG19", "DINOv2", "ImageEmbedder", "StyleFeatures", "TextImageEmbedder",
+                     "TinyCLIP", "TinyOpenCLIP", "TinyDINOv2", "TinyVGG19", "EncoderError"), "encoders"),
     **dict.fromkeys(("gram_matrices", "image_similarity", "squared_centroid_distance", "style_loss",
                      "text_image_similarity", "vendi_score"), "functional"),
 }

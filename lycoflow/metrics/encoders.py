@@ -1,13 +1,16 @@
 """Image and text encoders behind the evaluation metrics (paper §4.2), pluggable by import path.
 
-The paper's backbones: `DINOv2` embeddings for fidelity and diversity, `CLIP` image and text embeddings for
-controllability, and `VGG19` feature maps (conv1_1…conv5_1, pre-ReLU) whose Gram matrices give the style loss.
+The paper's backbones: `DINOv2` embeddings for fidelity and diversity; `OpenCLIP` image and text embeddings for
+controllability (open_clip's ViT-L-14 trained on DataComp-XL; `CLIP` is OpenAI's ViT-L/14 through transformers, an
+alternative); and `VGG19` feature maps whose Gram matrices give the style loss, tapped as the paper's code ran:
+after the ReLU at relu1_1…relu4_1 and before it at conv5_1, with the shorter side resized to 224.
 Each takes images as a float batch [b, 3, H, W] in [0, 1] of any size and does its own resizing and
 normalisation, on its own device and dtype; each is frozen and stays in eval mode.
 
-`TinyDINOv2`, `TinyCLIP` and `TinyVGG19` have the same architectures and code paths at a few thousand times
-fewer parameters, with random weights under a fixed seed: what tests and the quickstart measure with, offline.
-Their metric values prove the machinery, not image quality (``pretrained`` is False, so logs can say so).
+`TinyDINOv2`, `TinyCLIP`, `TinyOpenCLIP` and `TinyVGG19` have the same architectures and code paths at a few
+thousand times fewer parameters, with random weights under a fixed seed: what tests and the quickstart measure
+with, offline. Their metric values prove the machinery, not image quality (``pretrained`` is False, so logs can
+say so).
 
 A metric needs only what its protocol names (`ImageEmbedder`, `TextImageEmbedder`, `StyleFeatures`), so any
 object with those attributes and methods can replace these.
@@ -17,12 +20,15 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
+import open_clip
 import timm
 import torch
 import torch.nn.functional as F
+from open_clip.transform import PreprocessCfg
 from torch import Tensor, nn
 from transformers import (
     AutoModel,
@@ -43,6 +49,14 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 #: Convolutions per block of VGG19; conv1_1…conv5_1 are the first of each block.
 VGG19_CONVS_PER_BLOCK = (2, 2, 4, 4, 4)
+#: `TinyOpenCLIP`'s architecture as an open_clip model config (the ``model_cfg`` of an ``open_clip_config.json``):
+#: 2-layer, 32-wide image and text transformers with the real vocabulary and 77-token context, 224² input in 7×7
+#: patches, as the paper's ViT-L-14 sees.
+TINY_OPEN_CLIP_CONFIG: dict[str, Any] = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "patch_size": 32, "layers": 2, "width": 32, "head_width": 8},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
 
 _T = TypeVar("_T")
 _M = TypeVar("_M", bound=nn.Module)
@@ -294,10 +308,117 @@ class TinyCLIP(_CLIPEmbedder):
         super().__init__(model, tokenizer, "tiny-clip (untrained)", False)
 
 
-class _VGGTaps(nn.Module):
-    """A VGG ``features`` stack as `StyleFeatures`: the pre-ReLU outputs of each block's first convolution.
+class _OpenCLIPEmbedder(nn.Module):
+    """An open_clip model and its tokenizer as a `TextImageEmbedder`: ``encode_image`` / ``encode_text``.
 
-    The stack is cut after the fifth tap (conv5_1), so nothing past it runs.
+    Images get the model's own eval transform (its ``preprocess_cfg``: bicubic resize of the shorter side, centre
+    crop, its mean and std), on tensors instead of PIL images.
+
+    Args:
+        model: an open_clip model with its ``preprocess_cfg`` set, as `open_clip.create_model` returns it.
+        tokenizer: its open_clip tokenizer.
+        name: label of the metrics.
+        pretrained: whether the weights are trained.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Callable[[list[str]], Tensor], name: str, pretrained: bool):
+        super().__init__()
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        h, w = (cfg["size"],) * 2 if isinstance(cfg["size"], int) else cfg["size"]
+        # open_clip has other eval transforms (squash, letterbox); `_model_input` does the CLIP models' one.
+        if h != w or (cfg["resize_mode"], cfg["interpolation"]) != ("shortest", "bicubic"):
+            raise ValueError(
+                f"{name}: only open_clip models preprocessed by a bicubic shorter-side resize and a square centre "
+                f"crop are supported, not {cfg}"
+            )
+        self.model = model.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.name, self.pretrained = name, pretrained
+        self.image_size, self.mean, self.std = h, tuple(cfg["mean"]), tuple(cfg["std"])
+
+    train = _eval_only
+
+    @torch.no_grad()
+    def embed_images(self, images: Tensor) -> Tensor:
+        pixels = _model_input(images, self.model, self.mean, self.std, self.image_size)
+        return self.model.encode_image(pixels).float()
+
+    @torch.no_grad()
+    def embed_texts(self, texts: list[str]) -> Tensor:
+        """Texts longer than the context (77 tokens) are truncated by open_clip's tokenizer, keeping the end token."""
+        tokens = self.tokenizer(list(texts)).to(next(self.model.parameters()).device)
+        return self.model.encode_text(tokens).float()
+
+
+class OpenCLIP(_OpenCLIPEmbedder):
+    """open_clip image and text embeddings in one space, for controllability: the paper's CLIP.
+
+    The paper used open_clip's ViT-L-14 trained on DataComp-XL (tag ``datacomp_xl_s13b_b90k``, Hub repo
+    ``laion/CLIP-ViT-L-14-DataComp.XL-s13B-b90K``). Images get open_clip's eval transform for the model (for that
+    one: bicubic resize of the shorter side to 224, centre crop, OpenAI CLIP's mean and std), texts open_clip's
+    tokenizer (77 tokens); embeddings are ``encode_image`` / ``encode_text``, the projected features.
+
+    Args:
+        model: an open_clip architecture (``open_clip.list_models()``).
+        pretrained: its weights: an open_clip pretrained tag of ``model`` (``open_clip.list_pretrained_tags_by_model``;
+            downloaded once into the Hugging Face cache, then read from it, also offline with ``HF_HUB_OFFLINE=1``);
+            a local weights file (such as the Hub repo's ``open_clip_model.safetensors``); or a local folder holding
+            the weights with their ``open_clip_config.json`` (a copy of the Hub repo), whose config then gives the
+            architecture in place of ``model``.
+    """
+
+    def __init__(self, model: str = "ViT-L-14", pretrained: str = "datacomp_xl_s13b_b90k"):
+        local = Path(pretrained).expanduser()
+        if local.is_dir():
+            tag, arch, weights, name = {}, f"local-dir:{local}", None, f"open_clip:{pretrained}"
+        else:
+            if model not in open_clip.list_models():
+                raise EncoderError(f"open_clip has no architecture {model!r} (see open_clip.list_models())")
+            tag = open_clip.get_pretrained_cfg(model, pretrained)
+            if not tag and not local.is_file():
+                raise EncoderError(
+                    f"open_clip weights not found: {pretrained!r} is neither a pretrained tag of {model} (one of "
+                    f"{open_clip.list_pretrained_tags_by_model(model)}) nor an existing file or folder"
+                )
+            arch, weights, name = model, pretrained if tag else str(local), f"open_clip:{model}:{pretrained}"
+        hub = f" (Hub repo {tag['hf_hub'].rstrip('/')})" if tag.get("hf_hub") else ""
+        try:
+            clip = open_clip.create_model(arch, pretrained=weights, require_pretrained=True)
+            tokenizer = open_clip.get_tokenizer(arch)
+        # Not cached offline, no network, missing files; weights of another architecture (RuntimeError of torch).
+        except (OSError, RuntimeError, ValueError) as err:
+            raise EncoderError(
+                f"could not load open_clip weights {pretrained!r}{hub}: {_reason(err)}. Download them once with "
+                "network access (open_clip keeps them in the Hugging Face cache, then also reads them with "
+                "HF_HUB_OFFLINE=1), or pass `pretrained`: a local copy of the weights file (the Hub repo's "
+                "open_clip_model.safetensors or open_clip_pytorch_model.bin) or a folder holding it with the repo's "
+                "open_clip_config.json"
+            ) from None
+        super().__init__(clip, tokenizer, name, True)
+
+
+class TinyOpenCLIP(_OpenCLIPEmbedder):
+    """An open_clip model of `TINY_OPEN_CLIP_CONFIG` with random weights and open_clip's real tokenizer and
+    default eval transform (the paper's model's): `OpenCLIP`'s code path for tests.
+
+    Args:
+        seed: seed of the random weights.
+    """
+
+    def __init__(self, seed: int = 0):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.CLIP(**TINY_OPEN_CLIP_CONFIG)
+        # What `open_clip.create_model` sets last: its default transform at the model's input size.
+        open_clip.set_model_preprocess_cfg(model, {**asdict(PreprocessCfg()), "size": model.visual.image_size})
+        tokenizer = open_clip.SimpleTokenizer(context_length=model.context_length)
+        super().__init__(model, tokenizer, "tiny-open-clip (untrained)", False)
+
+
+class _VGGTaps(nn.Module):
+    """A VGG ``features`` stack as `StyleFeatures`: five maps, one at each block's first convolution, after its
+    ReLU at the first four and before it at the fifth (``taps="paper"``), or before it at all five (``"pre-relu"``);
+    `VGG19` says why. The stack is cut after conv5_1, so nothing past it runs.
 
     Args:
         features: VGG's convolution stack (convolutions, ReLUs and max-pools, in torchvision/timm's order).
@@ -305,18 +426,25 @@ class _VGGTaps(nn.Module):
         pretrained: whether the weights are trained.
         image_size: resize (bicubic, antialiased) so the shorter side is ``image_size``, keeping the aspect
             ratio; None keeps the size as given.
+        taps: ``"paper"`` or ``"pre-relu"``.
     """
 
-    def __init__(self, features: nn.Sequential, name: str, pretrained: bool, image_size: int | None):
+    def __init__(
+        self, features: nn.Sequential, name: str, pretrained: bool, image_size: int | None,
+        taps: Literal["paper", "pre-relu"],
+    ):
         super().__init__()
-        taps = [i for i, layer in enumerate(features)
-                if isinstance(layer, nn.Conv2d) and (i == 0 or isinstance(features[i - 1], nn.MaxPool2d))][:5]
-        self.features = features[: taps[-1] + 1].requires_grad_(False).eval()
+        if taps not in ("paper", "pre-relu"):
+            raise ValueError(f"{name}: taps must be 'paper' or 'pre-relu', not {taps!r}")
+        convs = [i for i, layer in enumerate(features)
+                 if isinstance(layer, nn.Conv2d) and (i == 0 or isinstance(features[i - 1], nn.MaxPool2d))][:5]
+        self.features = features[: convs[-1] + 1].requires_grad_(False).eval()
         for layer in self.features:
             if isinstance(layer, nn.ReLU):
                 layer.inplace = False  # an in-place ReLU would overwrite the pre-ReLU maps handed out
-        self.taps = tuple(taps)
-        self.name, self.pretrained, self.image_size = name, pretrained, image_size
+        # conv1_1…conv4_1 are each followed by their ReLU (VGG has no batch norm between them).
+        self.tap_layers = (*(i + 1 for i in convs[:4]), convs[4]) if taps == "paper" else tuple(convs)
+        self.name, self.pretrained, self.image_size, self.taps = name, pretrained, image_size, taps
 
     train = _eval_only
 
@@ -327,29 +455,37 @@ class _VGGTaps(nn.Module):
         maps = []
         for i, layer in enumerate(self.features):
             x = layer(x)
-            if i in self.taps:
+            if i in self.tap_layers:
                 maps.append(x.float())
         return maps
 
 
 class VGG19(_VGGTaps):
-    """VGG19 feature maps at conv1_1, conv2_1, conv3_1, conv4_1, conv5_1 (pre-ReLU; 64, 128, 256, 512, 512
-    channels), whose Gram matrices give the style loss of base-model preservation.
+    """VGG19 feature maps at relu1_1, relu2_1, relu3_1, relu4_1 and conv5_1 (64, 128, 256, 512, 512 channels),
+    whose Gram matrices give the style loss of base-model preservation.
 
-    The paper used ImageNet VGG19 on the generated 512² images; by default images keep their size (Gram matrices
-    do not depend on it once normalised by C·H·W). Images are ImageNet-normalised.
+    As the paper ran it: ImageNet VGG19, images resized (bicubic) so the shorter side is 224, ImageNet-normalised,
+    maps after the ReLU at the first four and before it at conv5_1 (see ``taps``). The size matters: the layers'
+    receptive fields are fixed in pixels, so the Gram matrices of one image differ between sizes.
 
     Args:
         pretrained: load timm's ImageNet weights (``timm/vgg19.tv_in1k``, torchvision's); downloaded once into
             the Hugging Face cache, then read from it, also offline with ``HF_HUB_OFFLINE=1``. False: random
             weights.
         image_size: resize (bicubic, antialiased) so the shorter side is ``image_size``, keeping the aspect
-            ratio, which bounds the cost for large images; None keeps the size as given.
+            ratio (224: the paper's); None keeps the size as given.
         weights: a local file of those weights (``.safetensors`` or ``.pth``) to read instead of the Hub, for
             machines without network access; only with ``pretrained``.
+        taps: ``"paper"``: after the ReLU at relu1_1…relu4_1 and before it at conv5_1, what the paper's code
+            computed: it stored torchvision's conv1_1…conv5_1 outputs, but the in-place ReLU after each of the first
+            four overwrote the stored map, and it stopped at conv5_1, before that ReLU ran. ``"pre-relu"``: before
+            the ReLU at all five, the conv1_1…conv5_1 maps that code named.
     """
 
-    def __init__(self, pretrained: bool = True, image_size: int | None = None, weights: str | None = None):
+    def __init__(
+        self, pretrained: bool = True, image_size: int | None = 224, weights: str | None = None,
+        taps: Literal["paper", "pre-relu"] = "paper",
+    ):
         if weights and not pretrained:
             raise ValueError("VGG19: `weights` is read only with pretrained=True")
         if weights and not Path(weights).expanduser().is_file():
@@ -367,7 +503,7 @@ class VGG19(_VGGTaps):
                 "HF_HUB_OFFLINE=1), or pass `weights`: a local copy of timm/vgg19.tv_in1k's model.safetensors"
             ) from None
         super().__init__(model.features, f"vgg19:{source}" if pretrained else "vgg19 (untrained)", pretrained,
-                         image_size)
+                         image_size, taps)
 
 
 class TinyVGG19(_VGGTaps):
@@ -375,10 +511,12 @@ class TinyVGG19(_VGGTaps):
 
     Args:
         seed: seed of the random weights.
-        image_size: resize so the shorter side is ``image_size``, keeping the aspect ratio; None keeps the size.
+        image_size: resize so the shorter side is ``image_size`` (224, as `VGG19`), keeping the aspect ratio;
+            None keeps the size.
+        taps: ``"paper"`` or ``"pre-relu"``, as `VGG19`'s.
     """
 
-    def __init__(self, seed: int = 0, image_size: int | None = None):
+    def __init__(self, seed: int = 0, image_size: int | None = 224, taps: Literal["paper", "pre-relu"] = "paper"):
         layers: list[nn.Module] = []
         channels = 3
         with torch.random.fork_rng(devices=[]):
@@ -392,4 +530,4 @@ class TinyVGG19(_VGGTaps):
                     layers += [conv, nn.ReLU(inplace=True)]
                     channels = width
                 layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-        super().__init__(nn.Sequential(*layers), "tiny-vgg19 (untrained)", False, image_size)
+        super().__init__(nn.Sequential(*layers), "tiny-vgg19 (untrained)", False, image_size, taps)
