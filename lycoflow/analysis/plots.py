@@ -1,5 +1,6 @@
 """The report's charts, as PNG bytes: the scatter plots of the paper's Figure 2 and SHAP beeswarm charts of a
-CatBoost regressor. matplotlib and catboost are imported when a chart is drawn, not with the package."""
+CatBoost regressor, and what they are drawn from (the points, the SHAP samples). matplotlib and catboost are
+imported when a chart is drawn, not with the package."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import importlib
 import io
 import itertools
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .runs import Checkpoint, ConceptKey, Dataset, category_name
+from .runs import Checkpoint, Config, Dataset
 
 #: The SHAP charts' features, in the order of a sample's values.
 FEATURES = ("algorithm", "preset", "capacity (log2)", "log10 lr", "step")
-_CATEGORICAL = ("algorithm", "preset")
 INSTALL_HINT = "pip install 'lycoflow[analysis]'"
 #: The paper's colours (Figure 2): LoRA blue, LoHa purple, LoKr purple red, native fine-tuning red.
 ALGORITHM_COLOURS = {"LoRA": "tab:blue", "LoHa": "tab:purple", "LoKr": "mediumvioletred", "Full": "tab:red"}
@@ -29,14 +30,55 @@ _EPOCH_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 #: feature by the same spurious amount.
 _CATBOOST = {"iterations": 300, "depth": 4, "learning_rate": 0.05, "one_hot_max_size": 255, "random_seed": 0,
              "verbose": False, "allow_writing_files": False}
-#: The scatter panels: (x metric, x axis, y metric, y axis).
-PANELS = (
-    ("squared_centroid_distance", "fidelity (SCD score)", "vendi_score", "diversity (Vendi score)"),
-    ("image_similarity", "fidelity (image similarity score)", "text_image_similarity", "controllability score"),
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A scatter plot's axis or a SHAP chart's target: a metric's scores on a prompt type (None: on each prompt
+    type analysed, averaged)."""
+
+    metric: str
+    prompt_type: str | None
+    label: str
+
+
+#: A scatter panel: its (x, y) axes.
+Panel = tuple[Measure, Measure]
+#: The criterion means' scatter panels, in every report (the paper protocol's own panels are
+#: `lycoflow.analysis.paper.PAPER_PANELS`).
+PANELS: tuple[Panel, ...] = (
+    (Measure("squared_centroid_distance", None, "fidelity (SCD score)"),
+     Measure("vendi_score", None, "diversity (Vendi score)")),
+    (Measure("image_similarity", None, "fidelity (image similarity score)"),
+     Measure("text_image_similarity", None, "controllability score")),
 )
 
-#: (checkpoint, concept) → score: the `unit_scores` of one category.
-Units = dict[tuple[Checkpoint, ConceptKey], float]
+#: (checkpoint, class) → score: the `unit_scores` of one category.
+Units = dict[tuple[Checkpoint, str], float]
+#: (mean, standard error) of a point on one axis.
+MeanSE = tuple[float, float]
+
+
+def _generic_features(config: Config, step: int) -> list[object]:
+    """A sample's `FEATURES`: capacity as its log2 and the learning rate as its log10 (NaN where unknown), so that
+    any adapter and learning rate has a place on one scale."""
+    return [config.algorithm, config.preset, math.log2(config.capacity) if config.capacity else math.nan,
+            math.log10(config.lr) if config.lr and config.lr > 0 else math.nan, float(step)]
+
+
+@dataclass(frozen=True)
+class ShapSetup:
+    """How the SHAP charts encode and explain a sample: its features (names, in a sample's order), which of them
+    are categorical, the CatBoostRegressor arguments and the encoding of a configuration at a training step."""
+
+    features: tuple[str, ...]
+    categorical: tuple[str, ...]
+    catboost: Mapping[str, object]
+    encode: Callable[[Config, int], list[object]]
+
+
+#: The SHAP setup of every protocol but the paper's (`lycoflow.analysis.paper.PAPER_SHAP`).
+GENERIC_SHAP = ShapSetup(FEATURES, ("algorithm", "preset"), _CATBOOST, _generic_features)
 
 
 def palette(algorithms: Iterable[str]) -> dict[str, str]:
@@ -54,21 +96,31 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+def _mean_se(values: Sequence[float]) -> MeanSE:
     """Mean and standard error (0 for a single value)."""
     mean = float(np.mean(values))
     se = float(np.std(values, ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
     return mean, se
 
 
-def scatter(data: Dataset, units: dict[str, dict[str, Units]], category: str, colours: dict[str, str]
-            ) -> bytes | None:
-    """The category's two scatter plots as a PNG, or None when neither panel has a point. One point per
-    (configuration, epoch), error bars the standard errors across seeds and concepts; a line joins the epochs of
-    each configuration, labelled at its last one.
+def panel_points(data: Dataset, x: Units, y: Units) -> dict[tuple[str, int], tuple[MeanSE, MeanSE]]:
+    """(configuration, epoch) → the (mean, standard error) of its x and of its y units, over its seeds and classes:
+    a scatter panel's points, those measured on both axes."""
+    per_point: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+    for axis, units in enumerate((x, y)):
+        for (checkpoint, _), value in units.items():
+            per_point.setdefault((data.checkpoints[checkpoint].config, checkpoint[2]), ([], []))[axis].append(value)
+    return {point: (_mean_se(xs), _mean_se(ys)) for point, (xs, ys) in sorted(per_point.items()) if xs and ys}
+
+
+def scatter(data: Dataset, panels: Sequence[Panel], units: Mapping[Measure, dict[str, Units]], category: str,
+            colours: dict[str, str], title: str) -> bytes | None:
+    """The category's scatter ``panels`` side by side as a PNG, or None when no panel has a point. One point per
+    (configuration, epoch) (`panel_points`), coloured by algorithm; a line joins the epochs of each configuration,
+    labelled at its last one.
 
     Args:
-        units: metric → `unit_scores` of that metric alone.
+        units: measure → `unit_scores` of that measure alone.
     """
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -76,20 +128,14 @@ def scatter(data: Dataset, units: dict[str, dict[str, Units]], category: str, co
     epochs = sorted({checkpoint[2] for by_category in units.values()
                      for checkpoint, _ in by_category.get(category, {})})
     markers = {e: _EPOCH_MARKERS[i % len(_EPOCH_MARKERS)] for i, e in enumerate(epochs)}
-    figure = Figure(figsize=(14, 6))
-    axes = figure.subplots(1, 2)
+    figure = Figure(figsize=(7 * len(panels), 6))
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
     drawn = False
-    for ax, (x_metric, x_label, y_metric, y_label) in zip(axes, PANELS):
-        per_point: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
-        for axis, metric in enumerate((x_metric, y_metric)):
-            for (checkpoint, _), value in units.get(metric, {}).get(category, {}).items():
-                config = data.checkpoints[checkpoint][0]
-                per_point.setdefault((config, checkpoint[2]), ([], []))[axis].append(value)
+    for ax, (x_measure, y_measure) in zip(axes, panels):
+        points = panel_points(data, units.get(x_measure, {}).get(category, {}),
+                              units.get(y_measure, {}).get(category, {}))
         paths: dict[str, list[tuple[float, float]]] = {}
-        for (config, epoch), (xs, ys) in sorted(per_point.items()):
-            if not xs or not ys:
-                continue
-            (x, x_se), (y, y_se) = _mean_se(xs), _mean_se(ys)
+        for (config, epoch), ((x, x_se), (y, y_se)) in points.items():
             colour = colours.get(data.configs[config].algorithm, "black")
             ax.errorbar(x, y, xerr=x_se, yerr=y_se, fmt=markers[epoch], color=colour, ecolor=colour, alpha=0.8,
                         elinewidth=0.8, capsize=2, markersize=6)
@@ -99,7 +145,7 @@ def scatter(data: Dataset, units: dict[str, dict[str, Units]], category: str, co
             ax.plot(*zip(*path), color=colour, alpha=0.35, linewidth=0.8)
             ax.annotate(data.configs[config].label, path[-1], fontsize=6, xytext=(3, 3), textcoords="offset points")
         drawn = drawn or bool(paths)
-        ax.set(xlabel=x_label, ylabel=y_label, xlim=(-0.05, 1.05), ylim=(-0.05, 1.05))
+        ax.set(xlabel=x_measure.label, ylabel=y_measure.label, xlim=(-0.05, 1.05), ylim=(-0.05, 1.05))
         ax.grid(alpha=0.3)
     if not drawn:
         return None
@@ -107,7 +153,7 @@ def scatter(data: Dataset, units: dict[str, dict[str, Units]], category: str, co
     handles = [Line2D([], [], color=colours.get(a, "black"), marker="o", linestyle="", label=a) for a in algorithms]
     handles += [Line2D([], [], color="gray", marker=markers[e], linestyle="", label=f"epoch {e}") for e in epochs]
     figure.legend(handles=handles, loc="center right", fontsize=8)
-    figure.suptitle(f"{category_name(category)}: scores (1 = best), standard errors across seeds and concepts")
+    figure.suptitle(title)
     figure.subplots_adjust(right=0.88)
     return _png(figure)
 
@@ -121,13 +167,13 @@ def shap_available() -> bool:
     return True
 
 
-def shap_values(features: list[list[object]], targets: list[float]) -> np.ndarray:
-    """Exact TreeSHAP values (samples × features) of a CatBoost regressor fitted to ``targets``."""
+def shap_values(features: list[list[object]], targets: list[float], setup: ShapSetup) -> np.ndarray:
+    """Exact TreeSHAP values (samples × features) of a CatBoost regressor (``setup``'s) fitted to ``targets``."""
     from catboost import CatBoostRegressor, Pool
 
-    categorical = [FEATURES.index(f) for f in _CATEGORICAL]
-    pool = Pool(features, targets, cat_features=categorical, feature_names=list(FEATURES))
-    model = CatBoostRegressor(**_CATBOOST)
+    categorical = [setup.features.index(f) for f in setup.categorical]
+    pool = Pool(features, targets, cat_features=categorical, feature_names=list(setup.features))
+    model = CatBoostRegressor(**setup.catboost)
     model.fit(pool)
     # The last column is the expected value (the model's mean prediction), not a feature's share.
     return np.asarray(model.get_feature_importance(data=pool, type="ShapValues"))[:, :-1]
@@ -149,23 +195,27 @@ def _swarm(values: np.ndarray, half_width: float = 0.4, bins: int = 60) -> np.nd
     return offsets
 
 
-def beeswarm(shap: np.ndarray, features: list[list[object]], title: str, colours: dict[str, str]) -> bytes:
-    """A SHAP beeswarm chart as a PNG: one row per feature, most influential on top; categorical features coloured
-    by their level (algorithms in the paper's colours), numeric ones by their value (blue low, red high)."""
+def beeswarm(shap: np.ndarray, features: list[list[object]], names: Sequence[str], title: str,
+             colours: dict[str, str]) -> bytes:
+    """A SHAP beeswarm chart as a PNG: one row per feature (``names``, in a sample's order; among them algorithm and
+    preset), most influential on top; algorithm and preset coloured by their level (algorithms in the paper's
+    colours), the other features by their value (blue low, red high, black unknown: the colour map's middle is
+    grey, so grey would pass for a middle value)."""
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     columns = list(zip(*features))
-    presets = sorted({str(p) for p in columns[FEATURES.index("preset")]})
+    presets = sorted({str(p) for p in columns[names.index("preset")]})
     preset_colours = {p: _PRESET_COLOURS[i % len(_PRESET_COLOURS)] for i, p in enumerate(presets)}
     cmap = "coolwarm"
     order = np.argsort(np.abs(shap).mean(axis=0))  # least influential first: drawn at the bottom
-    figure = Figure(figsize=(9, 1 + 0.8 * len(FEATURES)))
+    figure = Figure(figsize=(9, 1 + 0.8 * len(names)))
     ax = figure.subplots()
+    unknown = False
     for row, f in enumerate(order):
-        name = FEATURES[f]
+        name = names[f]
         if name == "algorithm":
             colour: Any = [colours.get(str(v), "black") for v in columns[f]]
         elif name == "preset":
@@ -175,15 +225,18 @@ def beeswarm(shap: np.ndarray, features: list[list[object]], title: str, colours
             finite = numbers[np.isfinite(numbers)]
             norm = Normalize(*(finite.min(), finite.max()) if finite.size else (0.0, 1.0))
             mapper = ScalarMappable(norm=norm, cmap=cmap)
-            colour = [mapper.to_rgba(v) if math.isfinite(v) else "lightgray" for v in numbers]
+            colour = [mapper.to_rgba(v) if math.isfinite(v) else "black" for v in numbers]
+            unknown = unknown or finite.size < numbers.size
         ax.scatter(shap[:, f], row + _swarm(shap[:, f]), c=colour, s=14, alpha=0.85, linewidths=0)
     ax.axvline(0, color="gray", linewidth=0.8)
-    ax.set_yticks(range(len(order)), [FEATURES[f] for f in order])
+    ax.set_yticks(range(len(order)), [names[f] for f in order])
     ax.set(xlabel="SHAP value (effect on the predicted score)", title=title)
     handles = [Line2D([], [], color=colours.get(a, "black"), marker="o", linestyle="", label=f"algorithm: {a}")
-               for a in sorted({str(v) for v in columns[FEATURES.index("algorithm")]})]
+               for a in sorted({str(v) for v in columns[names.index("algorithm")]})]
     handles += [Line2D([], [], color=c, marker="o", linestyle="", label=f"preset: {p}")
                 for p, c in preset_colours.items()]
+    if unknown:
+        handles.append(Line2D([], [], color="black", marker="o", linestyle="", label="numeric value unknown"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.18, 1.0), fontsize=7)
     bar = figure.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap=cmap), ax=ax, ticks=[0, 1], pad=0.02)
     bar.ax.set_yticklabels(["low", "high"])
@@ -191,29 +244,27 @@ def beeswarm(shap: np.ndarray, features: list[list[object]], title: str, colours
     return _png(figure)
 
 
-def shap_samples(data: Dataset, units: Units) -> tuple[list[list[object]], list[float], int]:
-    """The SHAP inputs of one criterion and category: one sample per checkpoint with known features.
+def shap_samples(data: Dataset, units: Units, setup: ShapSetup) -> tuple[list[list[object]], list[float], int]:
+    """The SHAP inputs of one target and category: one sample per (configuration, seed, step) with known features,
+    as the paper has them.
 
     Args:
-        units: the category's `unit_scores` for the criterion.
+        units: the category's `unit_scores` for the target.
 
     Returns:
-        The features (in `FEATURES` order: capacity as its log2, the learning rate as its log10), the targets
-        (the checkpoint's mean score over the category's concepts) and how many checkpoints were left out for want
-        of a config.yaml.
+        The features (``setup.encode``'s, in ``setup.features`` order), the targets (the sample's mean score over
+        its classes, each class the mean of its subclasses) and how many samples were left out for want of a
+        config.yaml.
     """
-    per_checkpoint: dict[Checkpoint, list[float]] = {}
+    per_sample: dict[tuple[str, str, int], list[float]] = {}
     for (checkpoint, _), value in units.items():
-        per_checkpoint.setdefault(checkpoint, []).append(value)
+        per_sample.setdefault(data.checkpoints[checkpoint], []).append(value)
     features, targets, unknown = [], [], 0
-    for checkpoint, values in sorted(per_checkpoint.items()):
-        digest, step = data.checkpoints[checkpoint]
+    for (digest, _, step), values in sorted(per_sample.items()):
         config = data.configs[digest]
         if not config.known:
             unknown += 1
             continue
-        features.append([config.algorithm, config.preset,
-                         math.log2(config.capacity) if config.capacity else math.nan,
-                         math.log10(config.lr) if config.lr and config.lr > 0 else math.nan, float(step)])
+        features.append(setup.encode(config, step))
         targets.append(float(np.mean(values)))
     return features, targets, unknown

@@ -1,9 +1,11 @@
 """``lycoflow analyze RUN_DIRS... --out REPORT_DIR``: the analysis of evaluated runs (paper §5.3) into a folder.
 
-It reads the ``metrics.csv`` (and ``config.yaml``) of each run folder and writes into REPORT_DIR:
+It reads the ``metrics.csv`` (and ``config.yaml``) of each run folder; the runs must all have been measured with
+one evaluation protocol (the ``protocol`` column; files without it are ``generic``), since ranks are only
+comparable within one. It writes into REPORT_DIR:
 
 - ``scores.csv`` (``config, epoch, category, prompt_type, metric, score``): the rank scores (see
-  `lycoflow.analysis.scores`) averaged over the seeds and concepts of each category;
+  `lycoflow.analysis.scores`) averaged over each category's seeds and classes, a class's subclasses first;
 - ``configs.csv``: one line per configuration: its runs, seeds, algorithm, preset, capacity, learning rate and
   the label the plots and tables use;
 - ``ranking_<criterion>.csv``: the configurations ranked by their mean score on a criterion (fidelity = image
@@ -11,8 +13,7 @@ It reads the ``metrics.csv`` (and ``config.yaml``) of each run folder and writes
   preservation = style loss: the criteria of `lycoflow.metrics.specs`), one column per category, the paper's
   ranking table;
 - ``scatter_<category>.png``: fidelity (squared centroid distance) vs diversity and fidelity (image similarity) vs
-  controllability, one point per (configuration, epoch), error bars the standard errors across seeds and concepts
-  (as in the paper's Figure 2);
+  controllability, one point per (configuration, epoch), error bars the standard errors across seeds and classes;
 - ``shap_<criterion>_<category>.png``: SHAP beeswarm charts of a CatBoost regressor that predicts a checkpoint's
   criterion score from its algorithm, preset, log2 capacity, log10 learning rate and step; needs catboost (which
   computes exact TreeSHAP values itself): ``pip install 'lycoflow[analysis]'``;
@@ -20,6 +21,14 @@ It reads the ``metrics.csv`` (and ``config.yaml``) of each run folder and writes
 
 Criteria, plots and SHAP charts average over the prompt types the paper evaluates (train, trigger, alter,
 style: not the concept-agnostic prompts) unless told otherwise; ``scores.csv`` keeps every prompt type.
+
+Runs measured with the paper's protocol (`lycoflow.analysis.paper`) get the paper's own analysis too, the main
+part of report.html (the criterion means above follow it as an extra section):
+
+- ``paper_scatter_<category>_epoch<N>.png``: the paper's three panels at epoch N (``--epoch``; by default the latest
+  evaluated epoch up to 30), one point per configuration, error bars the standard errors across seeds and classes;
+- ``paper_shap_<metric>_<prompt type>_<category>.png``: SHAP charts of the paper's six targets with its features
+  and CatBoost settings (needs catboost).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import html
 import io
 import re
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from string import Template
@@ -39,7 +48,36 @@ from string import Template
 from lycoflow.cache import atomic_path
 from lycoflow.metrics.specs import CRITERIA
 
-from .plots import INSTALL_HINT, PANELS, beeswarm, palette, scatter, shap_available, shap_samples, shap_values
+from .paper import (
+    ADAPTER_LRS,
+    CAPACITY_LEVELS,
+    NATIVE,
+    NATIVE_CAPACITY_LEVEL,
+    NATIVE_LRS,
+    PAPER_CATBOOST,
+    PAPER_LATEST_EPOCH,
+    PAPER_PANELS,
+    PAPER_PROTOCOL,
+    PAPER_SHAP,
+    PAPER_TARGETS,
+    at_epoch,
+    default_epoch,
+    off_grid,
+)
+from .plots import (
+    GENERIC_SHAP,
+    INSTALL_HINT,
+    PANELS,
+    Measure,
+    ShapSetup,
+    Units,
+    beeswarm,
+    palette,
+    scatter,
+    shap_available,
+    shap_samples,
+    shap_values,
+)
 from .runs import CONFIG_FILE, REFERENCE_WIDTH, UNKNOWN, Dataset, category_name, load
 from .scores import category_scores, ranking, score_rows, unit_scores
 
@@ -49,6 +87,11 @@ SCORE_COLUMNS = ("config", "epoch", "category", "prompt_type", "metric", "score"
 CONFIG_COLUMNS = ("config", "runs", "seeds", "algorithm", "preset", "capacity", "lr", "label")
 #: The page, with the CSS; its ``${name}`` placeholders are filled by `analyze`.
 TEMPLATE = "report.html"
+#: The scatter plots' standard errors, in their titles.
+SPREAD = "scores (1 = best), standard errors across seeds and classes"
+#: What comes before the criterion means in a paper-protocol report.
+CRITERIA_INTRO = ("<h2>Beyond the paper: criterion means</h2><p>lycoflow's own summary of the same scores: each "
+                  "criterion's metrics and the prompt types analysed averaged, over every epoch.</p>")
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -83,27 +126,36 @@ def _image_html(png: bytes, alt: str) -> str:
 
 
 def analyze(run_dirs: Sequence[Path], out: Path, *, prompt_types: Collection[str] | None = DEFAULT_PROMPT_TYPES,
-            log: Callable[[str], None] = print) -> Path:
+            epochs: Sequence[int] | None = None, log: Callable[[str], None] = print) -> Path:
     """Analyse the evaluated runs in ``run_dirs`` (run folders, or folders of run folders) into ``out``.
 
     Args:
         run_dirs: run folders (with a metrics.csv), or parent folders whose subfolders are searched one level down.
         out: the report folder (created); see the module's docstring for what it receives.
         prompt_types: the prompt types the criteria (rankings, plots, SHAP) average over; None: all.
-            scores.csv keeps every prompt type.
+            scores.csv keeps every prompt type, and the paper's panels and SHAP targets name their own.
+        epochs: the epochs of the paper protocol's panels, one set each (None: `default_epoch`); other protocols
+            have no such panels and note that they were not used.
         log: receives one line per run read, folder skipped and missing optional package, and the report's path.
 
     Returns:
         The path of report.html.
 
     Raises:
-        ValueError: no metric values were found.
+        ValueError: no metric values were found, the runs were measured with more than one protocol, or an epoch
+            asked for was not evaluated.
     """
     data = load([Path(p) for p in run_dirs], log)
     if not data.rows:
         raise ValueError(f"no metric values found in {', '.join(map(str, run_dirs))} (nor one level down)")
+    protocol = _protocol(data)
+    paper = protocol == PAPER_PROTOCOL
+    panel_epochs = _panel_epochs(sorted({r.checkpoint[2] for r in data.rows}), epochs) if paper else []
     out.mkdir(parents=True, exist_ok=True)
     notes = data.notes
+    if epochs and not paper:
+        notes.append(f"epoch(s) {', '.join(map(str, epochs))} not used: only the {PAPER_PROTOCOL} protocol's panels "
+                     f"show one epoch, these runs were measured with the {protocol} protocol")
     scores = score_rows(data.rows)
     table = category_scores(data.rows, scores)
     _write_csv(out / "scores.csv", SCORE_COLUMNS, [[*key, float(score)] for key, score in table.items()])
@@ -130,23 +182,14 @@ def analyze(run_dirs: Sequence[Path], out: Path, *, prompt_types: Collection[str
 
     categories = sorted({r.category for r in data.rows})
     colours = palette(c.algorithm for c in data.configs.values())
-    plots: list[str] = []
-    charts: list[str] = []
     explaining = shap_available()
     if not explaining:
         notes.append(f"SHAP charts skipped: catboost is not installed ({INSTALL_HINT})")
         log(notes[-1])
     floats = [float(s) for s in scores]
-    by_metric = {m: unit_scores(data.rows, floats, {m}, selected) for p in PANELS for m in (p[0], p[2])}
-    for category in categories:
-        png = scatter(data, by_metric, category, colours)
-        if png is None:
-            notes.append(f"no scatter plot for {category_name(category)}: no checkpoint has both scores of a panel")
-            continue
-        _write(out / f"scatter_{_slug(category_name(category))}.png", png)
-        plots.append(_image_html(png, f"scatter plots of {category_name(category)}"))
-    if explaining:
-        charts = _shap_charts(data, floats, categories, selected, colours, out, notes)
+    plots, charts = _criterion_charts(data, floats, categories, selected, colours, explaining, out, notes)
+    paper_html = (_paper_analysis(data, floats, categories, panel_epochs, colours, explaining, out, notes)
+                  if paper else "")
 
     config_lines = [[c.label, c.digest, c.algorithm, c.preset, UNKNOWN if c.capacity is None else c.capacity,
                      UNKNOWN if c.lr is None else f"{c.lr:g}", ", ".join(sorted(c.seeds)), ", ".join(sorted(c.runs))]
@@ -156,9 +199,12 @@ def analyze(run_dirs: Sequence[Path], out: Path, *, prompt_types: Collection[str
         run_count=len(data.runs),
         config_count=len(data.configs),
         checkpoint_count=len({r.checkpoint for r in data.rows}),
+        protocol=html.escape(protocol),
         categories=html.escape(", ".join(map(category_name, categories))),
         prompt_types=html.escape("all" if selected is None else ", ".join(sorted(selected))),
         notes="".join(f'<li class="note">{html.escape(n)}</li>' for n in notes) or "<li>none</li>",
+        paper_analysis=paper_html,
+        criteria_intro=CRITERIA_INTRO if paper else "",
         rankings="".join(rankings),
         scatter_plots="".join(plots) or "<p>none</p>",
         shap_charts="".join(charts) or "<p>none</p>",
@@ -173,33 +219,145 @@ def analyze(run_dirs: Sequence[Path], out: Path, *, prompt_types: Collection[str
     return report
 
 
-def _shap_charts(data: Dataset, scores: Sequence[float], categories: Sequence[str],
-                 prompt_types: Collection[str] | None, colours: dict[str, str], out: Path, notes: list[str]
-                 ) -> list[str]:
-    """One SHAP beeswarm chart per criterion and category, written to ``out``; their HTML."""
+def _protocol(data: Dataset) -> str:
+    """The one evaluation protocol the rows were measured with.
+
+    Raises:
+        ValueError: naming each protocol and its runs, when there are several: a rank compares checkpoints measured
+            the same way, and different protocols measure differently (prompts, encoders, image counts).
+    """
+    if len(data.protocols) == 1:
+        return next(iter(data.protocols))
+    listing = "; ".join(f"{protocol}: {', '.join(folders)}" for protocol, folders in sorted(data.protocols.items()))
+    raise ValueError(f"the runs were measured with different evaluation protocols, whose ranks cannot be compared "
+                     f"({listing}); analyse each protocol's runs on their own")
+
+
+def _panel_epochs(evaluated: Sequence[int], asked: Sequence[int] | None) -> list[int]:
+    """The epochs of the paper's panels: ``asked`` (each evaluated), else `default_epoch`.
+
+    Raises:
+        ValueError: an epoch asked for was not evaluated, naming the evaluated ones.
+    """
+    if not asked:
+        return [default_epoch(evaluated)]
+    missing = sorted(set(asked) - set(evaluated))
+    if missing:
+        raise ValueError(f"epoch(s) {', '.join(map(str, missing))} not evaluated: the runs have epoch(s) "
+                         f"{', '.join(map(str, evaluated))}")
+    return sorted(set(asked))
+
+
+def _measure_units(data: Dataset, scores: Sequence[float], measures: Iterable[Measure],
+                   prompt_types: Collection[str] | None) -> dict[Measure, dict[str, Units]]:
+    """measure → its `unit_scores`: its metric alone, on its prompt type or else on ``prompt_types``."""
+    return {m: unit_scores(data.rows, scores, {m.metric}, prompt_types if m.prompt_type is None else {m.prompt_type})
+            for m in measures}
+
+
+def _criterion_charts(data: Dataset, scores: Sequence[float], categories: Sequence[str],
+                      prompt_types: Collection[str] | None, colours: dict[str, str], explaining: bool, out: Path,
+                      notes: list[str]) -> tuple[list[str], list[str]]:
+    """The criterion means' scatter plots (`PANELS`, every epoch) and SHAP charts (`GENERIC_SHAP`, one per
+    criterion) of each category, written to ``out``; their HTML."""
+    by_measure = _measure_units(data, scores, [m for panel in PANELS for m in panel], prompt_types)
+    plots: list[str] = []
+    for category in categories:
+        png = scatter(data, PANELS, by_measure, category, colours, f"{category_name(category)}: {SPREAD}")
+        if png is None:
+            notes.append(f"no scatter plot for {category_name(category)}: no checkpoint has both scores of a panel")
+            continue
+        _write(out / f"scatter_{_slug(category_name(category))}.png", png)
+        plots.append(_image_html(png, f"scatter plots of {category_name(category)}"))
+    if not explaining:
+        return plots, []
+    targets = [(criterion, f"shap_{criterion}", unit_scores(data.rows, scores, metrics, prompt_types))
+               for criterion, metrics in CRITERIA.items()]
+    return plots, _shap_charts(data, targets, GENERIC_SHAP, categories, colours, out, notes)
+
+
+def _shap_charts(data: Dataset, targets: Sequence[tuple[str, str, Mapping[str, Units]]], setup: ShapSetup,
+                 categories: Sequence[str], colours: dict[str, str], out: Path, notes: list[str]) -> list[str]:
+    """One SHAP beeswarm chart per target and category, written to ``out``; their HTML.
+
+    Args:
+        targets: (name in titles and notes, file name prefix, `unit_scores` by category) of each target.
+    """
     charts = []
-    for criterion, metrics in CRITERIA.items():
-        units = unit_scores(data.rows, scores, metrics, prompt_types)
+    for target, prefix, units in targets:
         for category in categories:
-            features, targets, unknown = shap_samples(data, units.get(category, {}))
-            name = f"{criterion}, {category_name(category)}"
+            features, values, unknown = shap_samples(data, units.get(category, {}), setup)
+            name = f"{target}, {category_name(category)}"
             if unknown:
                 notes.append(f"SHAP for {name}: {unknown} checkpoint(s) left out, their configuration has no "
                              f"{CONFIG_FILE} (features unknown)")
-            if len(set(targets)) < 2:
-                if targets or unknown:
+            if len(set(values)) < 2:
+                if values or unknown:
                     notes.append(f"no SHAP chart for {name}: fewer than two distinct scores to explain")
                 continue
-            png = beeswarm(shap_values(features, targets), features,
-                           f"{name}: {len(targets)} checkpoints", colours)
-            _write(out / f"shap_{criterion}_{_slug(category_name(category))}.png", png)
+            png = beeswarm(shap_values(features, values, setup), features, setup.features,
+                           f"{name}: {len(values)} checkpoints", colours)
+            _write(out / f"{prefix}_{_slug(category_name(category))}.png", png)
             charts.append(_image_html(png, f"SHAP beeswarm of {name}"))
     return charts
 
 
+def _paper_method_html() -> str:
+    """How the paper's SHAP charts are computed, from the definitions themselves, with the caveat of CatBoost's
+    categorical features."""
+    capacity = "; ".join(f"{algorithm} {setting} " + ", ".join(f"{v:g}→{level}" for v, level in levels.items())
+                         for algorithm, (setting, levels) in CAPACITY_LEVELS.items())
+    settings = ", ".join(f"{k}={v!r}" for k, v in PAPER_CATBOOST.items() if k not in ("verbose", "allow_writing_files"))
+    lrs = ", ".join(f"{lr:g}" for lr in ADAPTER_LRS)
+    return (f"<p>One sample per (configuration, seed, step), its target the score averaged over the category's "
+            f"classes; features: {html.escape(', '.join(PAPER_SHAP.features))}. Capacity level: "
+            f"{html.escape(capacity)}; native fine-tuning ({NATIVE}) {NATIVE_CAPACITY_LEVEL}. Learning-rate level "
+            f"1–3 over {lrs} ({NATIVE}: {', '.join(f'{lr:g}' for lr in NATIVE_LRS)}). A value outside the paper's "
+            f"grid is unknown (NaN, below every level for nan_mode 'Min'; see the notes). "
+            f"CatBoostRegressor({html.escape(settings)}) with algorithm and preset as native categorical features, "
+            f"as the paper ran it.</p><p class=\"note\">Caveat: CatBoost encodes categorical features by target "
+            f"statistics that it computes in a different order while training than when explaining, which shifts "
+            f"the SHAP values of algorithm and preset by a spurious amount; the criterion charts below one-hot "
+            f"encode them instead.</p>")
+
+
+def _paper_analysis(data: Dataset, scores: Sequence[float], categories: Sequence[str], epochs: Sequence[int],
+                    colours: dict[str, str], explaining: bool, out: Path, notes: list[str]) -> str:
+    """The paper's panels at each of ``epochs`` and its SHAP charts, written to ``out``; their section of the page."""
+    units = _measure_units(data, scores, [m for panel in PAPER_PANELS for m in panel], None)
+    plots: list[str] = []
+    for epoch in epochs:
+        shown = {m: {c: at_epoch(u, epoch) for c, u in by_category.items()} for m, by_category in units.items()}
+        for category in categories:
+            name = f"{category_name(category)}, epoch {epoch}"
+            png = scatter(data, PAPER_PANELS, shown, category, colours, f"{name}: {SPREAD}")
+            if png is None:
+                notes.append(f"no paper panels for {name}: no configuration has both scores of a panel")
+                continue
+            _write(out / f"paper_scatter_{_slug(category_name(category))}_epoch{epoch}.png", png)
+            plots.append(_image_html(png, f"the paper's scatter panels of {name}"))
+    charts: list[str] = []
+    if explaining:
+        for config in sorted(data.configs.values(), key=lambda c: c.label):
+            if config.known and (unknown := off_grid(config)):
+                notes.append(f"paper SHAP: {config.label} ({config.digest}) is outside the paper's grid: "
+                             f"{' and '.join(unknown)} unknown (NaN, which nan_mode 'Min' places below every level)")
+        targets = [(m.label, f"paper_shap_{m.metric}_{m.prompt_type}", by_category)
+                   for m, by_category in _measure_units(data, scores, PAPER_TARGETS, None).items()]
+        charts = _shap_charts(data, targets, PAPER_SHAP, categories, colours, out, notes)
+    return (f"<h2>The paper's analysis (§5.3, Figure 2)</h2><h3>Scatter panels, epoch {', '.join(map(str, epochs))}"
+            f"</h3><p>Each panel is one metric on one prompt type at one epoch (by default the latest evaluated one up "
+            f"to {PAPER_LATEST_EPOCH}, the later epoch of the paper's Figure 2; <code>--epoch</code> chooses); one "
+            f"point per configuration, coloured by algorithm; error bars the standard errors across seeds and "
+            f"classes.</p>{''.join(plots) or '<p>none</p>'}"
+            f"<h3>SHAP (CatBoost, the paper's settings)</h3>{_paper_method_html()}"
+            f"{''.join(charts) or '<p>none</p>'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """``lycoflow analyze RUN_DIRS... --out REPORT_DIR``: 0 when the report was written, 2 (a user error, as for
-    bad arguments and every other lycoflow command) when there was nothing to analyse or a file was damaged."""
+    bad arguments and every other lycoflow command) when there was nothing to analyse, a file was damaged, the runs
+    mix evaluation protocols or an epoch asked for was not evaluated."""
     parser = argparse.ArgumentParser(
         prog="lycoflow analyze",
         description="Rank scores, ranking tables, scatter plots and SHAP charts of evaluated runs (paper §5.3).")
@@ -208,10 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR", help="where the report goes")
     parser.add_argument("--prompt-types", nargs="+", default=list(DEFAULT_PROMPT_TYPES), metavar="TYPE",
                         help="prompt types the criteria average over ('all': every one; default: %(default)s)")
+    parser.add_argument("--epoch", nargs="+", type=int, dest="epochs", metavar="N",
+                        help="the epoch(s) of the paper's scatter panels, for runs measured with the paper protocol "
+                             "(default: the latest evaluated epoch up to 30, the later epoch of the paper's Figure 2)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     prompt_types = None if args.prompt_types == ["all"] else args.prompt_types
     try:
-        report = analyze(args.run_dirs, args.out, prompt_types=prompt_types)
+        report = analyze(args.run_dirs, args.out, prompt_types=prompt_types, epochs=args.epochs)
     except ValueError as err:
         print(f"lycoflow analyze: error: {err}", file=sys.stderr)
         return 2

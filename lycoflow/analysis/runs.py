@@ -1,5 +1,6 @@
-"""Reading evaluated runs: the run folders, their ``metrics.csv`` and ``config.yaml``, and what the analysis
-knows of each configuration (algorithm, preset, capacity, learning rate, label)."""
+"""Reading evaluated runs: the run folders, their ``metrics.csv`` (with the evaluation protocol of each row) and
+``config.yaml``, and what the analysis knows of each configuration (algorithm, preset, capacity, learning rate,
+label)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -22,6 +23,14 @@ UNKNOWN = "?"
 #: Width of the reference layer capacity is measured on (CLIP ViT-L/14's, SD 1.x's text encoder).
 REFERENCE_WIDTH = 768
 
+#: The metrics.csv column naming the evaluation protocol a row was measured with (``paper``, ``generic`` or a
+#: user's own); files written before it have none.
+PROTOCOL_COLUMN = "protocol"
+#: The protocol of a row without one: the only protocol lycoflow had before the column existed.
+LEGACY_PROTOCOL = "generic"
+#: The columns a metrics.csv must have: all but the later ``protocol``.
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != PROTOCOL_COLUMN)
+
 Checkpoint = tuple[str, str, int]  # (run folder, run, epoch): one evaluated state of one training run
 ConceptKey = tuple[str, str]  # (class, subclass)
 
@@ -32,6 +41,7 @@ class Row:
 
     checkpoint: Checkpoint
     config: str
+    protocol: str
     seed: str
     step: int
     category: str
@@ -39,6 +49,14 @@ class Row:
     prompt_type: str
     metric: str
     value: float
+
+
+class CheckpointInfo(NamedTuple):
+    """What a checkpoint was trained with: its configuration, seed and training step."""
+
+    config: str
+    seed: str
+    step: int
 
 
 @dataclass
@@ -63,9 +81,10 @@ class Dataset:
 
     rows: list[Row]
     configs: dict[str, Config]
-    checkpoints: dict[Checkpoint, tuple[str, int]]  # → (config, step)
+    checkpoints: dict[Checkpoint, CheckpointInfo]
     runs: list[str]  # one line per run folder read
     notes: list[str]
+    protocols: dict[str, list[str]]  # evaluation protocol → the run folders with rows measured with it
 
 
 def find_runs(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
@@ -100,6 +119,9 @@ def find_runs(paths: Iterable[Path]) -> tuple[list[Path], list[str]]:
 def read_metrics(folder: Path) -> tuple[list[Row], int]:
     """The rows of ``folder``'s metrics.csv, and how many non-finite values were left out.
 
+    A file without the ``protocol`` column (written before it existed) or a row with an empty one reads as
+    measured with the `LEGACY_PROTOCOL`.
+
     Raises:
         ValueError: naming the file: it cannot be read as a CSV table, lacks a column or holds a number that
             does not parse.
@@ -116,7 +138,7 @@ def _read_metrics(path: Path) -> tuple[list[Row], int]:
     dropped = 0
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}")
         for line, r in enumerate(reader, start=2):
@@ -128,8 +150,9 @@ def _read_metrics(path: Path) -> tuple[list[Row], int]:
             if not math.isfinite(value):
                 dropped += 1
                 continue
-            rows.append(Row((str(folder), r["run"], epoch), r["config"], r["seed"], step, r["category"],
-                            (r["class"], r["subclass"]), r["prompt_type"], r["metric"], value))
+            rows.append(Row((str(folder), r["run"], epoch), r["config"], r.get(PROTOCOL_COLUMN) or LEGACY_PROTOCOL,
+                            r["seed"], step, r["category"], (r["class"], r["subclass"]), r["prompt_type"],
+                            r["metric"], value))
     return rows, dropped
 
 
@@ -199,6 +222,7 @@ def load(paths: Sequence[Path], log: Callable[[str], None]) -> Dataset:
     rows: list[Row] = []
     configs: dict[str, Config] = {}
     runs: list[str] = []
+    protocols: dict[str, list[str]] = {}
     for folder in folders:
         try:
             found, dropped = read_metrics(folder)
@@ -209,6 +233,8 @@ def load(paths: Sequence[Path], log: Callable[[str], None]) -> Dataset:
         if dropped:
             notes.append(f"{folder}: {dropped} non-finite value(s) left out")
         rows.extend(found)
+        for protocol in sorted({r.protocol for r in found}):
+            protocols.setdefault(protocol, []).append(str(folder))
         digests = sorted({r.config for r in found})
         for row in found:
             config = configs.setdefault(row.config, Config(row.config))
@@ -229,7 +255,8 @@ def load(paths: Sequence[Path], log: Callable[[str], None]) -> Dataset:
                     + ("" if has_config else f" (no {CONFIG_FILE}: features unknown)"))
         log(f"read {runs[-1]}")
     _label(configs.values())
-    return Dataset(rows, configs, {r.checkpoint: (r.config, r.step) for r in rows}, runs, notes)
+    return Dataset(rows, configs, {r.checkpoint: CheckpointInfo(r.config, r.seed, r.step) for r in rows}, runs, notes,
+                   protocols)
 
 
 def _label(configs: Iterable[Config]) -> None:

@@ -5,13 +5,15 @@ epoch) measured on the same (category, class, subclass, prompt type, metric): ``
 worst, tied values sharing their average rank, the order reversed for the metrics where lower is better (by
 `lycoflow.metrics.specs`) so that 1 is always best. A value alone in its group (n = 1) scores 1/2: it is neither
 better nor worse than anything, and the midpoint keeps it neutral in the averages. The scores are then averaged
-over the seeds and the concepts ((class, subclass) pairs, each counting once) of each category.
+as the paper does: the subclasses of a class into the class first, then the classes and seeds into the category,
+so that a class weighs the same whether it has one subclass, many or none.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from fractions import Fraction
+from typing import TypeVar
 
 import numpy as np
 
@@ -21,6 +23,10 @@ from .runs import Checkpoint, ConceptKey, Config, Row
 
 #: (config, epoch, category, prompt type, metric): the key of a `category_scores` score, a line of scores.csv.
 ScoreKey = tuple[str, int, str, str, str]
+#: (config, checkpoint, category, class, prompt type, metric): the key of a `class_scores` score.
+ClassKey = tuple[str, Checkpoint, str, str, str, str]
+#: A score: exact (Fraction) for the tables, float for the plots and SHAP targets.
+Score = TypeVar("Score", Fraction, float)
 
 
 def is_lower_better(metric: str) -> bool:
@@ -64,23 +70,41 @@ def score_rows(rows: Sequence[Row]) -> list[Fraction]:
     return scores
 
 
-def category_scores(rows: Sequence[Row], scores: Sequence[Fraction]) -> dict[ScoreKey, Fraction]:
-    """(config, epoch, category, prompt type, metric) → the mean score over its seeds and concepts."""
-    groups: dict[ScoreKey, list[Fraction]] = {}
+def _mean(values: Sequence[Score]) -> Score:
+    """The mean, exact for Fractions."""
+    return sum(values[1:], values[0]) / len(values)
+
+
+def class_scores(rows: Iterable[Row], scores: Iterable[Score]) -> dict[ClassKey, Score]:
+    """(config, checkpoint, category, class, prompt type, metric) → the mean score over the class's subclasses:
+    the paper's first averaging step, so that a class counts once however many subclasses it has."""
+    groups: dict[ClassKey, list[Score]] = {}
     for row, score in zip(rows, scores):
-        groups.setdefault((row.config, row.checkpoint[2], row.category, row.prompt_type, row.metric),
-                          []).append(score)
-    return {key: sum(values, Fraction(0)) / len(values) for key, values in sorted(groups.items())}
+        key = (row.config, row.checkpoint, row.category, row.concept[0], row.prompt_type, row.metric)
+        groups.setdefault(key, []).append(score)
+    return {key: _mean(values) for key, values in groups.items()}
+
+
+def category_scores(rows: Sequence[Row], scores: Sequence[Fraction]) -> dict[ScoreKey, Fraction]:
+    """(config, epoch, category, prompt type, metric) → the mean score over its seeds and classes, each class the
+    mean of its subclasses (`class_scores`)."""
+    groups: dict[ScoreKey, list[Fraction]] = {}
+    for (config, checkpoint, category, _, prompt_type, metric), score in class_scores(rows, scores).items():
+        groups.setdefault((config, checkpoint[2], category, prompt_type, metric), []).append(score)
+    return {key: _mean(values) for key, values in sorted(groups.items())}
 
 
 def unit_scores(rows: Sequence[Row], scores: Sequence[float], metrics: Collection[str],
-                prompt_types: Collection[str] | None) -> dict[str, dict[tuple[Checkpoint, ConceptKey], float]]:
-    """category → (checkpoint, concept) → the mean score over ``metrics`` and ``prompt_types`` (None: all): the
-    units whose spread gives the plots' standard errors and whose means are the SHAP targets."""
-    groups: dict[str, dict[tuple[Checkpoint, ConceptKey], list[float]]] = {}
-    for row, score in zip(rows, scores):
-        if row.metric in metrics and (prompt_types is None or row.prompt_type in prompt_types):
-            groups.setdefault(row.category, {}).setdefault((row.checkpoint, row.concept), []).append(score)
+                prompt_types: Collection[str] | None) -> dict[str, dict[tuple[Checkpoint, str], float]]:
+    """category → (checkpoint, class) → the mean over ``metrics`` and ``prompt_types`` (None: all) of the class's
+    score (`class_scores`, its subclasses averaged first): the units whose spread over seeds and classes gives the
+    plots' standard errors and whose means are the SHAP targets."""
+    chosen = [i for i, row in enumerate(rows)
+              if row.metric in metrics and (prompt_types is None or row.prompt_type in prompt_types)]
+    means = class_scores([rows[i] for i in chosen], [scores[i] for i in chosen])
+    groups: dict[str, dict[tuple[Checkpoint, str], list[float]]] = {}
+    for (_, checkpoint, category, cls, _, _), score in means.items():
+        groups.setdefault(category, {}).setdefault((checkpoint, cls), []).append(score)
     return {category: {key: float(np.mean(values)) for key, values in units.items()}
             for category, units in groups.items()}
 
