@@ -48,23 +48,69 @@ class BaseModelError(Exception):
     """The base model cannot be found or read; the message says which and how to fix it."""
 
 
+#: Caption tokens the text encoder reads (kohya's ``max_token_length``): one, two or three chunks of 75.
+MaxTokenLength = Literal[75, 150, 225]
+#: Content tokens per chunk: CLIP's 77-token context less its begin and end tokens.
+CHUNK = 75
+
+
 @dataclass
 class Components:
     """The parts of a Stable Diffusion model: what training, sampling and the tools use. ``scheduler`` holds the
-    noise schedule (and the prediction type) that samplers are built from."""
+    noise schedule (and the prediction type) that samplers are built from; ``max_token_length`` how many caption
+    tokens `encode_text` reads (75: CLIP's context, as SD was trained; 150 or 225: kohya's longer captions)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
+    max_token_length: MaxTokenLength = 75
+
+    def __post_init__(self) -> None:
+        if self.max_token_length not in (75, 150, 225):
+            raise ValueError(f"max_token_length={self.max_token_length} must be 75, 150 or 225 (chunks of {CHUNK} "
+                             "caption tokens, as kohya's max_token_length)")
+
+    def tokenize(self, texts: Sequence[str]) -> Tensor:
+        """The token ids the text encoder reads, ``[b, chunks, context]`` (context: 77 for CLIP), as kohya's
+        sd-scripts builds them (``train_util.BaseDataset.get_input_ids``).
+
+        A caption is tokenized to at most ``max_token_length`` tokens between its begin (BOS) and end (EOS)
+        tokens, padded; each chunk of 75 is then framed as a sequence of its own: BOS, the chunk, and the last id
+        of the whole (EOS or padding). Where the padding is not EOS (SD 2.x pads with "!"), a chunk whose last
+        token is a caption token ends in EOS instead, and a chunk of padding only starts with EOS; with SD 1.x's
+        tokenizer (padding = EOS) neither changes anything. With one chunk the ids are the plain tokenization
+        to the context.
+        """
+        context = self.text_encoder.config.max_position_embeddings
+        body, chunks = context - 2, self.max_token_length // CHUNK
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=chunks * body + 2, truncation=True,
+                             return_tensors="pt").input_ids
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        framed = []
+        for k in range(chunks):
+            chunk = torch.cat([ids[:, :1], ids[:, 1 + k * body:1 + (k + 1) * body], ids[:, -1:]], dim=1)
+            ends_in_caption = (chunk[:, -2] != eos) & (chunk[:, -2] != pad)
+            chunk[:, -1] = torch.where(ends_in_caption, eos, chunk[:, -1])
+            chunk[:, 1] = torch.where(chunk[:, 1] == pad, eos, chunk[:, 1])
+            framed.append(chunk)
+        return torch.stack(framed, dim=1)
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
-        """The text encoder's hidden states of ``texts``, padded/truncated to its context (77 tokens for CLIP)."""
-        length = self.text_encoder.config.max_position_embeddings
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=length, truncation=True,
-                             return_tensors="pt").input_ids.to(next(self.text_encoder.parameters()).device)
-        return self.text_encoder(ids)[0]
+        """The text encoder's hidden states of ``texts``: ``[b, max_token_length + 2, d]`` (77 tokens for 75).
+
+        Each chunk of `tokenize` is encoded as its own sequence, and the states are joined as kohya's
+        sd-scripts joins them (``train_util.get_hidden_states``): the first chunk's BOS, every chunk's 75 token
+        states, the last chunk's final state; the inner chunks' BOS and EOS states are left out. (kohya's SD 2.x
+        branch means to copy a state into empty chunks, but compares the ids with the EOS token's text, so it
+        never does: SD 1.x and 2.x join alike.) With 75 this is the encoder's output on the plain tokenization.
+        """
+        ids = self.tokenize(texts)
+        b, chunks, context = ids.shape
+        states = self.text_encoder(ids.reshape(b * chunks, context).to(next(self.text_encoder.parameters()).device))[0]
+        states = states.reshape(b, chunks, context, -1)
+        return torch.cat([states[:, 0, :1], *states[:, :, 1:-1].unbind(1), states[:, -1, -1:]], dim=1)
 
     def adaptable(self) -> dict[str, nn.Module]:
         """The parts adapters attach to, by file-key prefix (what `lycoris.load_file` and `merge_into` take)."""

@@ -29,7 +29,16 @@ import lycoris
 
 from . import __version__
 from .data.encodings import module_digest
-from .models import DTYPES, TEXT_ENCODER_PREFIX, UNET_PREFIX, BaseModel, Components, DType, cast_frozen
+from .models import (
+    DTYPES,
+    TEXT_ENCODER_PREFIX,
+    UNET_PREFIX,
+    BaseModel,
+    Components,
+    DType,
+    MaxTokenLength,
+    cast_frozen,
+)
 
 
 class DiffusionFinetune(L.LightningModule):
@@ -42,12 +51,17 @@ class DiffusionFinetune(L.LightningModule):
             the text encoder unless ``text_encoder_adapter`` gives another.
         train_text_encoder: also adapt the text encoder (the paper does).
         text_encoder_adapter: a different strategy for the text encoder; None uses ``adapter``.
+        max_token_length: caption tokens the text encoder reads, in training, in the text-encoder cache and in
+            evaluation sampling: 75 (CLIP's context) or, as kohya's ``max_token_length``, 150 (the paper) or 225:
+            the caption is encoded in chunks of 75 whose hidden states are joined (see `Components.encode_text`).
         lr: learning rate of the UNet's adapter (paper: 5e-4 for adapters, 1e-6 for native fine-tuning).
         text_encoder_lr: learning rate of the text encoder's adapter; None uses ``lr``.
         optimizer: the optimizer class and its arguments (its ``lr`` is replaced by the two above); None
-            means the paper's AdamW(weight_decay=0.1, betas=(0.9, 0.99)).
+            means AdamW(weight_decay=0.1, betas=(0.9, 0.99)); the paper's is `lycoflow.optim.AdamW8bit` with
+            those arguments.
         lr_scheduler: a scheduler applied per step after the warmup; None keeps the rate constant.
-        warmup_steps: linear warmup of the learning rate over this many optimizer steps.
+        warmup_steps: linear warmup of the learning rate over this many optimizer steps (the paper: 3,500, then
+            constant).
         prediction_type: the UNet's target; None reads it from the model's scheduler config (SD 2.x-v says
             ``v_prediction``).
         min_snr_gamma: weight each sample's loss by min(SNR, γ)/SNR (Hang et al. 2023; 5 is common); None off.
@@ -67,6 +81,7 @@ class DiffusionFinetune(L.LightningModule):
         adapter: lycoris.Strategy,
         train_text_encoder: bool = True,
         text_encoder_adapter: lycoris.Strategy | None = None,
+        max_token_length: MaxTokenLength = 75,
         lr: float = 5e-4,
         text_encoder_lr: float | None = None,
         optimizer: OptimizerCallable | None = None,
@@ -88,6 +103,7 @@ class DiffusionFinetune(L.LightningModule):
         self.base_source, self.adapter = base, adapter
         self.base_version = parts.version
         self.tokenizer = parts.tokenizer
+        self.max_token_length = max_token_length
         self.prediction_type = prediction_type or parts.scheduler.config.prediction_type
         # The schedule carries the prediction type trained, which samplers built from it then use.
         self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config, prediction_type=self.prediction_type)
@@ -145,7 +161,8 @@ class DiffusionFinetune(L.LightningModule):
     @property
     def components(self) -> Components:
         """The model's parts, with its adapters attached and the schedule it trains (for sampling)."""
-        return Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler)
+        return Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler,
+                          self.max_token_length)
 
     def encode_text(self, captions: list[str]) -> Tensor:
         return self.components.encode_text(captions)
@@ -172,7 +189,8 @@ class DiffusionFinetune(L.LightningModule):
         if self._text_identity is None:
             tokenizer = self.tokenizer
             self._text_identity = module_digest(self.text_encoder, type(tokenizer).__name__,
-                                                sorted(tokenizer.get_vocab().items()), tokenizer.model_max_length)
+                                                sorted(tokenizer.get_vocab().items()), tokenizer.model_max_length,
+                                                self.max_token_length)
         return self._text_identity
 
     def denoising_loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:

@@ -159,6 +159,25 @@ def test_identities_follow_the_weights_and_the_trained_text_encoder_has_none(tin
     assert model(tiny_sd_folder, train_text_encoder=True).text_identity() is None
 
 
+def test_the_text_cache_holds_entries_of_the_models_caption_length(tiny_sd_folder, tmp_path):
+    root = make_data(tmp_path / "data", {"a/x": 2, "b/z": 1})
+    cache = tmp_path / "cache"
+    short = model(tiny_sd_folder)
+    torch.manual_seed(0)
+    long = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4, preset="attn-mlp"),
+                             train_text_encoder=False, max_token_length=150)
+    for net in (short, long):
+        dm = data(root, cache, cache_latents=False)
+        dm.setup("fit")
+        dm.cache_encodings(net)
+        batch = next(iter(dm.train_dataloader()))
+        length = 77 if net is short else 152
+        assert batch["encoder_hidden_states"].shape[1:] == (length, 32)
+        torch.testing.assert_close(batch["encoder_hidden_states"], net.encode_text(batch["caption"]))
+    # Two captions + the empty one, once per length: the 150-token entries did not replace the 75-token ones.
+    assert len(entries(cache, "encoder_hidden_states")) == 2 * 3
+
+
 def test_bucketed_items_carry_latents_of_their_bucket(tiny_sd_folder, tmp_path):
     root = make_data(tmp_path / "data", {"a/x": 3}, size=(96, 48))
     make_data(tmp_path / "data", {"a/y": 2}, size=(48, 96))

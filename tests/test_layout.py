@@ -16,7 +16,7 @@ ROOT = Path(__file__).parent.parent
 #: Bottom to top: a unit may import itself and the units of lower rank, nothing above.
 RANKS = {
     "lycoris": 0,
-    "lycoflow": 1, "lycoflow.cache": 1,
+    "lycoflow": 1, "lycoflow.cache": 1, "lycoflow.optim": 1,
     "lycoflow.models": 2,
     "lycoflow.tiny": 3,
     "lycoflow.data": 4,

@@ -10,7 +10,8 @@ that asks for the same thing, and any change to a key part misses just the entri
 - latents: SHA-256 of the image file's bytes, the VAE's identity (config + weights), the training size
   (w, h), the crop (centre) and the flip. The file holds the VAE's posterior parameters (mean and log-variance,
   float32), not a sample: the step draws the sample with its own generator, exactly as without the cache.
-- text: the caption and the text encoder's identity (weights, dtype, tokenizer).
+- text: the caption and the text encoder's identity (weights, dtype, tokenizer, and how many caption tokens it
+  reads: ``max_token_length``, which also sets the entry's length).
 
 Files live in ``<lycoflow cache>/encodings`` unless ``cache_dir`` says otherwise; nothing is ever written
 beside the data set. Deleting the folder is always safe. Old entries (of a changed image, another VAE) stay
@@ -52,12 +53,14 @@ class EncodingModel(Protocol):
         ...
 
     def text_identity(self) -> str | None:
-        """A digest of the text encoder's weights, dtype and tokenizer; None while the text encoder trains
-        (its outputs change every step and cannot be cached)."""
+        """A digest of everything that decides the text encoder's output: its weights, dtype and tokenizer, and
+        how captions are cut into its context (``max_token_length``); None while the text encoder trains (its
+        outputs change every step and cannot be cached)."""
         ...
 
     def encode_text(self, captions: list[str]) -> Tensor:
-        """The text encoder's last hidden states ``[b, tokens, d]`` of the captions."""
+        """The text encoder's last hidden states ``[b, tokens, d]`` of the captions (tokens: 77 for SD's CLIP,
+        ``max_token_length + 2`` with longer captions)."""
         ...
 
 

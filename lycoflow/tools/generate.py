@@ -7,6 +7,7 @@ import io
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from ..cache import atomic_path
 from ..evaluation import sampling
 from ..evaluation.images import save_png
 from ..evaluation.sampling import Sampler
+from ..models import MaxTokenLength
 from .options import (
     SPELLINGS,
     Adapters,
@@ -80,6 +82,7 @@ def generate(
     seed: int = 0,
     images_per_prompt: int = 1,
     sampler: Sampler | None = None,
+    max_token_length: MaxTokenLength = 75,
     device: str | None = None,
     config: str | None = None,
     progress: bool = True,
@@ -106,6 +109,8 @@ def generate(
         seed: seed of the first image.
         images_per_prompt: images per prompt.
         sampler: scheduler, steps, guidance, resolution, batch size; default: DDIM, 25 steps, CFG 7, 512².
+        max_token_length: prompt tokens the text encoder reads: 75 (CLIP's context), or 150/225 in chunks of 75
+            as kohya's ``max_token_length`` (use what the adapter was trained with: the paper's recipes say 150).
         device: where to run; default: cuda when available, else cpu.
         config: for a single-file base: the diffusers folder or Hub id of the same architecture whose configs
             describe it (needed offline).
@@ -132,7 +137,7 @@ def generate(
     jobs = [(i, j, prompt, seed + i * images_per_prompt + j)
             for i, prompt in enumerate(prompts) for j in range(images_per_prompt)]
     _refuse_existing(out, [f"{i}-{j}-{s}.png" for i, j, _, s in jobs] + ["index.csv", "prompts.json"], overwrite)
-    parts = load_base(base, config)
+    parts = replace(load_base(base, config), max_token_length=max_token_length)
     target = torch.device(device or default_device())
     # On the device before the adapters are made: they are created on their layer's device.
     for model in (parts.unet, parts.vae, parts.text_encoder):
@@ -162,7 +167,8 @@ def generate(
     writer.writerows(rows)
     _write_atomic(out / "index.csv", table.getvalue())
     index = {"base": base, "adapters": [{"file": str(path), "weight": weight} for path, weight in files],
-             "sampler": sampler.describe(), "seed": seed, "images_per_prompt": images_per_prompt,
+             "sampler": sampler.describe(), "max_token_length": max_token_length, "seed": seed,
+             "images_per_prompt": images_per_prompt,
              "images": [{k: v for k, v in row.items() if k != "adapters"} for row in rows]}
     _write_atomic(out / "prompts.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     return rows

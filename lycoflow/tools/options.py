@@ -81,14 +81,16 @@ _METAVARS = {int: "N", float: "X"}
 
 
 def _value_type(hint: Any) -> dict[str, Any]:
-    """argparse's ``type`` (or ``choices``) for an annotation: a Literal's values, a flag for a bool, else its one
-    non-None type (``str`` for a path: functions take either)."""
+    """argparse's ``type`` (or ``choices``) for an annotation: a Literal's values (read as their type: ``--n 150``
+    for ``Literal[75, 150]``), a flag for a bool, else its one non-None type (``str`` for a path: functions take
+    either)."""
     if hint is bool:
         return {"action": "store_true"}
     union = typing.get_origin(hint) in (typing.Union, types.UnionType)
     kinds = [arg for arg in typing.get_args(hint) if arg is not type(None)] if union else [hint]
     if typing.get_origin(kinds[0]) is Literal:
-        return {"choices": list(typing.get_args(kinds[0]))}
+        values = typing.get_args(kinds[0])
+        return {"choices": list(values), "type": type(values[0])}
     kind = str if str in kinds else kinds[0]
     if kind not in (str, int, float):
         raise TypeError(f"{hint} has no command-line form: give the parameter a spelling")
