@@ -10,7 +10,7 @@ import lightning as L
 import torch
 
 from lycoflow.data import HierarchicalDataModule
-from lycoflow.evaluation import Evaluator, PromptType, Sampler
+from lycoflow.evaluation import Evaluator, Protocol, Sampler
 from lycoflow.metrics.encoders import ImageEmbedder, StyleFeatures, TextImageEmbedder
 
 from .saving import AdapterExport
@@ -20,29 +20,27 @@ class Evaluation(L.Callback):
     """Generate images for every prompt type of every (sub)class and measure them, at the epochs adapters are
     saved (and on demand: ``lycoflow evaluate``).
 
-    Per (sub)class and prompt type, over its ``images`` images: image similarity and squared centroid distance
-    to the class's dataset images (DINOv2), text–image similarity to the prompt with the trigger replaced by the
-    class's evaluation text (CLIP), Vendi score per prompt averaged (DINOv2), and style loss against the base
-    model's image of the same prompt and seed (VGG19 Gram matrices; base images generated once per run).
-    Written to ``<run>/metrics.csv`` (one row per value) and logged as ``eval/<category>/<prompt_type>/<metric>``
-    (the mean over the category's classes), a per-class table and image grids with their prompts.
+    Per (sub)class and prompt type, over its ``images`` images, the protocol's metrics: image similarity and
+    squared centroid distance to the class's dataset images (DINOv2), text–image similarity to the prompt with the
+    descriptor replaced by the class's evaluated form (CLIP), Vendi score (DINOv2; pooled or per prompt), and style
+    loss against the base model's image of the same prompt and seed (VGG19 Gram matrices; base images generated
+    once per run). Written to ``<run>/metrics.csv`` (one row per value, its ``protocol`` column naming the protocol)
+    and logged as ``eval/<category>/<prompt_type>/<metric>`` (the mean over the category's classes), a per-class
+    table and image grids with their prompts.
 
     Args:
         every_n_epochs: evaluate after every this many epochs; None follows the ``AdapterExport`` callback's
             schedule (the epochs whose adapter files exist). The last epoch is always evaluated.
-        images: images per (sub)class and prompt type (paper: 100), each with a seed fixed by (seed, class, type,
-            index): the same images are asked for at every epoch and in every run.
-        prompt_types: which of train, trigger, alter, style, agnostic (the paper: the first four).
+        epochs: evaluate after exactly these epochs instead (the paper ranks epochs 10, 30 and 50); the last epoch
+            is then evaluated only if listed.
+        images: images per (sub)class and prompt type (paper: 100), spread over the type's prompts and seeded as
+            the protocol says: the same images are asked for at every epoch and in every run.
+        protocol: what is generated and measured how (None: `lycoflow.evaluation.PaperProtocol`, the paper's;
+            `lycoflow.evaluation.GenericProtocol` for data sets that are not the paper's).
         sampler: scheduler, steps, guidance, resolution, batch size (default: DDIM, 25 steps, CFG 7, 512²).
-        alter_templates: content-alteration templates (``{}`` = trigger + class word); None: the ten shipped
-            ones. The manifest's ``prompts`` of a class are added to its alter prompts.
-        style_templates: style templates; None: the paper's five.
-        style_loss_prompt_types: prompt types whose images get a style loss against base-model images (the
-            paper: style).
         image_encoder: fidelity and diversity embeddings; None: ``DINOv2()`` (ViT-L/14, as in the paper).
-        text_image_encoder: controllability; None: ``CLIP()`` (ViT-L/14).
+        text_image_encoder: controllability; None: ``OpenCLIP()`` (ViT-L/14 DataComp-XL, as in the paper).
         style_encoder: Gram-matrix features; None: ``VGG19()``.
-        seed: seed of the evaluation images (the same across runs, so runs are comparable).
         config_name: the ``config`` column of metrics.csv; None: a digest of the recipe without its seeds and
             run folder (so the seeds of one configuration share it).
         grid_images: images per class and prompt type in the W&B grids.
@@ -52,30 +50,33 @@ class Evaluation(L.Callback):
     def __init__(
         self,
         every_n_epochs: int | None = None,
+        epochs: list[int] | None = None,
         images: int = 100,
-        prompt_types: list[PromptType] | None = None,
+        protocol: Protocol | None = None,
         sampler: Sampler | None = None,
-        alter_templates: list[str] | None = None,
-        style_templates: list[str] | None = None,
-        style_loss_prompt_types: list[PromptType] | None = None,
         image_encoder: ImageEmbedder | None = None,
         text_image_encoder: TextImageEmbedder | None = None,
         style_encoder: StyleFeatures | None = None,
-        seed: int = 0,
         config_name: str | None = None,
         grid_images: int = 8,
         dirpath: str | None = None,
     ) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"Evaluation: every_n_epochs={every_n_epochs} must be >= 1 (or null: with AdapterExport)")
-        self.every_n_epochs, self.dirpath = every_n_epochs, dirpath
+        if epochs is not None:
+            if every_n_epochs is not None:
+                raise ValueError("Evaluation: give every_n_epochs or epochs, not both")
+            if not epochs or any(e < 1 for e in epochs):
+                raise ValueError(f"Evaluation: epochs={epochs} must list epochs >= 1")
+        self.every_n_epochs, self.epochs, self.dirpath = every_n_epochs, epochs, dirpath
         #: Does the work; also what `lycoflow evaluate` takes a recipe's evaluation settings from.
-        self.evaluator = Evaluator(images, prompt_types, sampler, alter_templates, style_templates,
-                                   style_loss_prompt_types, image_encoder, text_image_encoder, style_encoder, seed,
+        self.evaluator = Evaluator(images, protocol, sampler, image_encoder, text_image_encoder, style_encoder,
                                    config_name, grid_images)
 
     def due(self, trainer: L.Trainer, epoch: int) -> bool:
         """Whether completed epoch ``epoch`` (from 1) is evaluated."""
+        if self.epochs is not None:
+            return epoch in self.epochs
         if trainer.max_epochs is not None and epoch == trainer.max_epochs:
             return True
         every = self.every_n_epochs

@@ -7,15 +7,18 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 import lycoris
 from callbacks import AdapterExport, Evaluation
 from lycoflow.cli import main
-from lycoflow.data import SyntheticConcepts
-from lycoflow.evaluation import COMPUTATIONS, Evaluator, config_id
+from lycoflow.data import SyntheticConcepts, letterbox, load_rgb, to_tensor
+from lycoflow.evaluation import COMPUTATIONS, Evaluator, GenericProtocol, PaperProtocol, config_id, measuring
+from lycoflow.evaluation.prompts import EvalPrompt
 from lycoflow.evaluation.sampling import Sampler
 from lycoflow.lightning_cli import run_lightning
 from lycoflow.loggers import WandbLogger
@@ -29,7 +32,7 @@ TYPES = ["train", "trigger", "alter", "style", "agnostic"]
 
 def settings(**kwargs) -> dict:
     """Small and fast settings (those of `Evaluation` and `Evaluator` alike)."""
-    options = {"images": 2, "prompt_types": TYPES, "sampler": Sampler(steps=2, resolution=32, batch_size=16),
+    options = {"images": 2, "protocol": GenericProtocol(prompt_types=TYPES), "sampler": Sampler(steps=2, resolution=32, batch_size=16),
                "image_encoder": TinyDINOv2(), "text_image_encoder": TinyCLIP(), "style_encoder": TinyVGG19()}
     return {**options, **kwargs}
 
@@ -63,6 +66,7 @@ def test_every_saved_epoch_writes_images_metrics_and_a_wandb_run(fitted):
     per_epoch = len(concepts) * (len(TYPES) * 4 + 1)
     assert len(rows) == 2 * per_epoch
     assert {r["epoch"] for r in rows} == {"1", "2"} and {r["run"] for r in rows} == {"lokr-run"}
+    assert {r["protocol"] for r in rows} == {"generic"}
     assert {r["metric"] for r in rows} == set(BY_NAME)
     assert {r["prompt_type"] for r in rows if r["metric"] == "style_loss"} == {"style"}
     assert {(r["category"], r["class"], r["subclass"]) for r in rows} == {
@@ -97,7 +101,7 @@ def test_untrained_adapter_has_zero_style_loss_and_is_deterministic(fitted, tiny
     model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4)).eval()
     results = []
     for attempt in range(2):
-        evaluator = Evaluator(**settings(prompt_types=["style", "trigger"]))
+        evaluator = Evaluator(**settings(protocol=GenericProtocol(prompt_types=["style", "trigger"])))
         result = evaluator.evaluate(model.components, list(model.networks.values()), data, tmp_path / str(attempt),
                                     epoch=1, step=0, run="zero", config="c", seed=0)
         assert (result.epoch, result.step, len(result.grids)) == (1, 0, len(data.concepts) * 2)
@@ -184,3 +188,66 @@ def test_validate_leaves_the_runs_config_alone(tiny, tmp_path):
     assert main(["validate", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}", *quick,
                  "--data.init_args.caption_dropout=0.5", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]) == 0
     assert (run / "config.yaml").read_text() == before
+
+
+def test_the_paper_protocol_measures_style_prompts_by_style_loss_alone(fitted, tmp_path):
+    """Its rows: train, trigger and alter with the four image/text/diversity metrics, style with the style loss
+    only; the protocol column says which; the style concepts (none here) aside, every leaf gets every type."""
+    _, data, model = fitted
+    evaluator = Evaluator(**settings(protocol=PaperProtocol(), images=3))
+    result = evaluator.evaluate(model.components, list(model.networks.values()), data, tmp_path, epoch=1, step=0,
+                                run="paper", config="c", seed=0)
+    by_type: dict[str, set[str]] = {}
+    for row in result.rows:
+        by_type.setdefault(row["prompt_type"], set()).add(row["metric"])
+    assert by_type == {"train": set(BY_NAME) - {"style_loss"}, "trigger": set(BY_NAME) - {"style_loss"},
+                       "alter": set(BY_NAME) - {"style_loss"}, "style": {"style_loss"}}
+    assert {r["protocol"] for r in read_rows(tmp_path / "metrics.csv")} == {"paper"}
+    assert len(result.rows) == len(data.concepts) * (3 * 4 + 1)
+
+
+def test_vendi_is_pooled_or_per_prompt_as_the_protocol_says():
+    """Four orthogonal embeddings from two prompts of two images each: pooled, four distinct images (Vendi 4);
+    per prompt, two of each prompt (Vendi 2 each, mean 2)."""
+    prompts = [EvalPrompt("c", "k", "", t, i, f"p{i // 2}", "x", i // 2, i) for t in ("train", "alter")
+               for i in range(4)]
+    records = [measuring.Record(n, torch.eye(4)[n % 4], 0.5, None) for n in range(8)]
+    values = measuring.metric_values(prompts, records, {"c/k": torch.eye(4)}, PaperProtocol())
+    assert {v.prompt.prompt_type: v.values["vendi_score"] for v in values} == pytest.approx(
+        {"train": 4.0, "alter": 2.0})
+    values = measuring.metric_values(prompts, records, {"c/k": torch.eye(4)}, GenericProtocol())
+    assert {v.prompt.prompt_type: v.values["vendi_score"] for v in values} == pytest.approx(
+        {"train": 2.0, "alter": 2.0})
+
+
+def test_letterbox_keeps_the_whole_image_between_black_bars():
+    wide = Image.new("RGB", (30, 10), (255, 0, 0))
+    square = np.asarray(letterbox(wide, 30))
+    assert square.shape == (30, 30, 3)
+    assert (square[:10] == 0).all() and (square[20:] == 0).all() and (square[10:20] == (255, 0, 0)).all()
+    tall = np.asarray(letterbox(Image.new("RGB", (5, 8), (0, 255, 0)), 8))  # the odd pixel of padding on the right
+    assert (tall[:, :1] == 0).all() and (tall[:, 1:6] == (0, 255, 0)).all() and (tall[:, 6:] == 0).all()
+    small = np.asarray(letterbox(wide, 15)).astype(int)  # then resized into the encoder's square
+    assert small.shape == (15, 15, 3)
+    assert (small[:4] == 0).all() and (small[11:] == 0).all() and (small[6:9, :, 0] == 255).all()
+
+
+def test_paper_references_are_letterboxed_into_the_encoders_square(synthetic_root):
+    """The paper fits the whole dataset image into DINOv2's 224² input (here the tiny one's 56²), not a crop."""
+    data = SyntheticConcepts(root=str(synthetic_root), resolution=32, batch_size=8)
+    data.setup("fit")
+    encoder = TinyDINOv2()
+    seen = []
+
+    class Spy:
+        name, pretrained, image_size = "spy", False, encoder.image_size
+
+        def embed_images(self, images):
+            seen.append(images.shape[-2:])
+            return encoder.embed_images(images)
+
+    references = Evaluator(**settings(protocol=PaperProtocol())).references(data, Spy(), torch.device("cpu"))
+    assert set(seen) == {torch.Size([56, 56])}
+    path = data.samples[0].path
+    expected = encoder.embed_images((to_tensor(letterbox(load_rgb(path), 56)) + 1)[None] / 2)
+    assert torch.allclose(references[data.concepts[data.samples[0].concept].key][0], expected[0], atol=1e-6)

@@ -45,7 +45,7 @@ def test_the_readme_metric_example_is_measured_and_ranked(monkeypatch, tmp_path)
     import torch
 
     from lycoflow.analysis import analyze
-    from lycoflow.evaluation import measuring
+    from lycoflow.evaluation import PaperProtocol, measuring
     from lycoflow.evaluation.prompts import EvalPrompt
     from lycoflow.metrics import specs
 
@@ -62,7 +62,7 @@ def test_the_readme_metric_example_is_measured_and_ranked(monkeypatch, tmp_path)
     monkeypatch.setitem(specs.CRITERIA, spec.criterion, (*specs.CRITERIA[spec.criterion], name))
     prompts = [EvalPrompt("shapes", "star", "", "trigger", i, "zqx star", "star", 0, i) for i in range(3)]
     records = [measuring.Record(i, torch.full((4,), float(i + 1)), 0.5, None) for i in range(3)]
-    (values,) = measuring.metric_values(prompts, records, {"shapes/star": torch.ones(2, 4)})
+    (values,) = measuring.metric_values(prompts, records, {"shapes/star": torch.ones(2, 4)}, PaperProtocol())
     assert values.values[name] == pytest.approx(float(torch.full((4,), 2.0).norm()))  # the mean embedding's norm
 
     runs = []
@@ -70,7 +70,7 @@ def test_the_readme_metric_example_is_measured_and_ranked(monkeypatch, tmp_path)
         folder = tmp_path / "runs" / run
         folder.mkdir(parents=True)
         (folder / "metrics.csv").write_text(
-            ",".join(specs.COLUMNS) + f"\n{run},{run},0,1,10,shapes,star,,trigger,{name},{value}\n", encoding="utf-8")
+            ",".join(specs.COLUMNS) + f"\n{run},{run},paper,0,1,10,shapes,star,,trigger,{name},{value}\n", encoding="utf-8")
         runs.append(folder)
     analyze(runs, tmp_path / "report")
     with open(tmp_path / "report" / "scores.csv", newline="", encoding="utf-8") as f:

@@ -33,7 +33,7 @@ from .captions import build_caption, clean_tags, read_tags
 from .datamodule import HierarchicalDataModule, print_buckets, print_summary, report_cache
 from .dataset import HierarchicalDataset
 from .folders import IMAGE_EXTENSIONS, OnBadFile, Sample, scan
-from .images import cover_crop, load_rgb, probe_image, square_crop, to_tensor
+from .images import cover_crop, letterbox, load_rgb, probe_image, square_crop, to_tensor
 from .manifest import ENTRY_FIELDS, MANIFEST, Concept, load_manifest
 from .synthetic import SyntheticConcepts
 
@@ -41,6 +41,6 @@ __all__ = [
     "ENTRY_FIELDS", "IMAGE_EXTENSIONS", "MANIFEST", "Balance", "BalancedSampler", "Bucket", "BucketBatchSampler",
     "Concept", "HierarchicalDataModule", "HierarchicalDataset", "OnBadFile", "Quota", "Sample", "SyntheticConcepts",
     "apply_repeats", "assign_bucket", "batch_by_bucket", "bucket_sizes", "bucket_strata", "build_caption",
-    "clean_tags", "cover_crop", "expected_exposures", "load_manifest", "load_rgb", "plan_quotas", "print_buckets",
+    "clean_tags", "cover_crop", "letterbox", "expected_exposures", "load_manifest", "load_rgb", "plan_quotas", "print_buckets",
     "print_summary", "probe_image", "read_tags", "report_cache", "scan", "square_crop", "to_tensor",
 ]

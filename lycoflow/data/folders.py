@@ -166,7 +166,7 @@ def _make_concept(folder: _Folder, manifest: dict[str, dict[str, Any]]) -> Conce
     prompts: tuple[str, ...] = ()
     for depth in range(1, len(folder.parts) + 1):
         entry = manifest.get("/".join(folder.parts[:depth])) or manifest.get("/".join(folder.raw[:depth])) or {}
-        # Tag and prompt lists accumulate down the tree; the other fields override.
+        # Tag and prompt lists accumulate down the tree; the other fields (``alter_prompts`` too) override.
         drop_tags += entry.get("drop_tags", ())
         prompts += entry.get("prompts", ())
         values.update({k: v for k, v in entry.items() if k not in ("drop_tags", "prompts")})

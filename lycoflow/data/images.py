@@ -37,6 +37,16 @@ def square_crop(img: Image.Image, size: int, offset: tuple[float, float] = (0.5,
     return cover_crop(img, (size, size), offset)
 
 
+def letterbox(img: Image.Image, size: int) -> Image.Image:
+    """The whole image in a ``size``×``size`` square: padded with black to a centred square (the odd pixel of
+    padding right or below), then resized (bicubic) — how the paper fits its dataset images to the encoder."""
+    w, h = img.size
+    side = max(w, h)
+    square = Image.new("RGB", (side, side))
+    square.paste(img.convert("RGB"), ((side - w) // 2, (side - h) // 2))
+    return square if side == size else square.resize((size, size), Image.Resampling.BICUBIC)
+
+
 def cover_crop(img: Image.Image, size: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
     """Resize to cover ``size`` (w, h) and crop it out; offset (0..1, 0..1) places the crop (0.5 = centre)."""
     w, h = img.size

@@ -7,8 +7,10 @@ The optional manifest at a data set's root describes its concept folders::
         trigger: zqx                   # the concept descriptor that starts every caption ...
         class_word: star               # ... followed by the class word: "zqx star, tag1, ..., tagk"
         eval_text: yellow              # replaces the trigger in the text given to CLIP for evaluation
+        eval_descriptor: yellow star   # or: what the whole descriptor becomes there ("" deletes it)
         drop_tags: [star, yellow]      # tags tied to the concept, removed from its captions
         prompts: ["{} on a beach"]     # extra evaluation prompts; {} stands for "trigger class_word"
+        alter_prompts: ["{} at dawn"]  # the class's alteration prompts, instead of the protocol's templates
         repeats: 3                     # fixed repeats per epoch, instead of balancing
         subclasses:
           red: {trigger: zqx ruby, drop_tags: [red]}   # shapes/star/red; unset fields inherit
@@ -27,7 +29,8 @@ import yaml
 MANIFEST = "dataset.yaml"
 # Manifest fields of one class/subclass entry and the Python type each must have.
 ENTRY_FIELDS: dict[str, type] = {
-    "trigger": str, "class_word": str, "eval_text": str, "drop_tags": list, "prompts": list, "repeats": int,
+    "trigger": str, "class_word": str, "eval_text": str, "eval_descriptor": str, "drop_tags": list, "prompts": list,
+    "alter_prompts": list, "repeats": int,
 }
 
 
@@ -36,6 +39,10 @@ class Concept:
     """One leaf class: the images of one folder and how to caption and evaluate them.
 
     ``eval_text`` defaults to the trigger (no replacement); ``prompts`` hold ``{}`` for :attr:`descriptor`.
+    ``eval_descriptor``, when set, is what the whole descriptor becomes in the texts given to CLIP (the paper
+    replaces object triggers by their noun and deletes character and style descriptors: "" deletes). Its
+    ``alter_prompts``, when set, replace the evaluation protocol's alteration templates for this concept (the
+    paper's scenes each have their own); ``prompts`` are added to them either way.
     ``repeats`` is None when the concept is balanced, else its fixed repeats per epoch.
     """
 
@@ -46,8 +53,10 @@ class Concept:
     trigger: str
     class_word: str = ""
     eval_text: str = ""
+    eval_descriptor: str | None = None
     drop_tags: tuple[str, ...] = ()
     prompts: tuple[str, ...] = ()
+    alter_prompts: tuple[str, ...] | None = None
     repeats: int | None = None
     images: tuple[Path, ...] = ()
 
@@ -60,6 +69,14 @@ class Concept:
     def descriptor(self) -> str:
         """What every caption starts with: ``"{trigger} {class word}"``."""
         return f"{self.trigger} {self.class_word}".strip()
+
+    @property
+    def evaluated_descriptor(self) -> str:
+        """What the descriptor becomes in the texts given to CLIP: ``eval_descriptor``, else the evaluation text
+        and the class word."""
+        if self.eval_descriptor is not None:
+            return self.eval_descriptor
+        return f"{self.eval_text} {self.class_word}".strip()
 
 
 def load_manifest(path: Path) -> dict[str, dict[str, Any]]:

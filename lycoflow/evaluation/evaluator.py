@@ -18,13 +18,14 @@ from torch import Tensor
 
 from lycoris import Network
 
-from ..data import HierarchicalDataModule, load_rgb, square_crop, to_tensor
+from ..data import HierarchicalDataModule, letterbox, load_rgb, square_crop, to_tensor
 from ..data.encodings import module_digest
 from ..metrics.encoders import ImageEmbedder, StyleFeatures, TextImageEmbedder
 from ..models import Components
 from .images import image_path, sampler_folder
 from .measuring import MetricEncoders, Record, measure_shard, metric_values, reference_embeddings
-from .prompts import ALTER_TEMPLATES, STYLE_TEMPLATES, EvalPrompt, PromptType, build_suite
+from .prompts import EvalPrompt
+from .protocol import PaperProtocol, Protocol
 from .sampling import Sampler
 from .table import config_id, table_rows, write_metrics
 
@@ -70,18 +71,14 @@ class Evaluator:
     controllability, diversity and base-model preservation, per (sub)class and prompt type.
 
     Args:
-        images: images per (sub)class and prompt type (paper: 100), each with a seed fixed by (seed, class, type,
-            index).
-        prompt_types: which of train, trigger, alter, style, agnostic (None: the paper's first four).
+        images: images per (sub)class and prompt type (paper: 100), spread over the type's prompts and seeded as
+            the protocol says.
+        protocol: prompts, allocation, seeds, reference fitting, diversity pooling and which metric is measured
+            on which prompt type (None: `PaperProtocol`; `GenericProtocol` for data sets that are not the paper's).
         sampler: how images are generated (None: DDIM, 25 steps, CFG 7, 512²).
-        alter_templates: content-alteration templates (None: the ten shipped ones).
-        style_templates: style templates (None: the paper's five).
-        style_loss_prompt_types: prompt types whose images get a style loss against base-model images (None:
-            style).
         image_encoder: fidelity and diversity embeddings (None: ``DINOv2()``).
-        text_image_encoder: controllability (None: ``CLIP()``).
+        text_image_encoder: controllability (None: ``OpenCLIP()``, the paper's DataComp ViT-L/14).
         style_encoder: Gram-matrix features (None: ``VGG19()``).
-        seed: seed of the evaluation images.
         config_name: the ``config`` column of metrics.csv (None: `config_id` of the recipe).
         grid_images: images per class and prompt type in the logged grids.
     """
@@ -89,31 +86,28 @@ class Evaluator:
     def __init__(
         self,
         images: int = 100,
-        prompt_types: list[PromptType] | None = None,
+        protocol: Protocol | None = None,
         sampler: Sampler | None = None,
-        alter_templates: list[str] | None = None,
-        style_templates: list[str] | None = None,
-        style_loss_prompt_types: list[PromptType] | None = None,
         image_encoder: ImageEmbedder | None = None,
         text_image_encoder: TextImageEmbedder | None = None,
         style_encoder: StyleFeatures | None = None,
-        seed: int = 0,
         config_name: str | None = None,
         grid_images: int = 8,
     ) -> None:
         if images < 1:
             raise ValueError(f"Evaluation: images={images} must be >= 1")
         self.images = images
-        self.prompt_types = list(prompt_types or ["train", "trigger", "alter", "style"])
+        self.protocol = protocol or PaperProtocol()
         self.sampler = sampler or Sampler()
-        self.alter_templates = list(ALTER_TEMPLATES if alter_templates is None else alter_templates)
-        self.style_templates = list(STYLE_TEMPLATES if style_templates is None else style_templates)
-        self.style_loss_prompt_types = list(style_loss_prompt_types or ["style"])
         self._encoders = (image_encoder, text_image_encoder, style_encoder)
-        self.seed, self.config_name, self.grid_images = seed, config_name, grid_images
+        self.config_name, self.grid_images = config_name, grid_images
         self._references: dict[str, Tensor] | None = None  # dataset embeddings per class, once per run
         self._announced = False  # which encoders run is said once per run
         self._base_model: str | None = None  # digest of the frozen base model, once per run
+
+    @property
+    def prompt_types(self) -> list[str]:
+        return self.protocol.prompt_types
 
     def config_of(self, recipe: str | None) -> str:
         """The ``config`` column: ``config_name``, else the digest of the resolved recipe (`config_id`)."""
@@ -121,11 +115,11 @@ class Evaluator:
 
     def encoders(self, device: torch.device) -> MetricEncoders:
         """The encoders on ``device``; the paper's defaults are built (and downloaded once) on first use."""
-        from ..metrics.encoders import CLIP, VGG19, DINOv2
+        from ..metrics.encoders import VGG19, DINOv2, OpenCLIP
 
         image, text_image, style = self._encoders
         if not self._announced:
-            self._encoders = (image or DINOv2(), text_image or CLIP(), style or VGG19())
+            self._encoders = (image or DINOv2(), text_image or OpenCLIP(), style or VGG19())
             self._announced = True
             rank_zero_info(f"evaluation encoders: {', '.join(e.name for e in self._encoders)}")
             untrained = [e.name for e in self._encoders if not e.pretrained]
@@ -139,19 +133,23 @@ class Evaluator:
 
     def suite(self, datamodule: HierarchicalDataModule) -> list[EvalPrompt]:
         captions = [[s.tags for s in datamodule.samples if s.concept == c] for c in range(len(datamodule.concepts))]
-        return build_suite(datamodule.concepts, captions, self.prompt_types, self.images, self.seed,
-                           datamodule.keep_tokens, self.alter_templates, self.style_templates)
+        return self.protocol.suite(datamodule.concepts, captions, self.images, datamodule.keep_tokens)
 
     def references(self, datamodule: HierarchicalDataModule, encoder: ImageEmbedder, device: torch.device
                    ) -> dict[str, Tensor]:
-        """The class's dataset images embedded, per class key: square centre crops at the sampler's resolution,
-        like the generated images (whatever bucket the image trains in)."""
-        size = self.sampler.resolution
+        """The class's dataset images embedded, per class key, whatever bucket the image trains in: letterboxed
+        into the encoder's square (its ``image_size``, else the sampler's resolution), or centre-cropped to the
+        sampler's resolution like the generated images, as the protocol says."""
+        if self.protocol.references == "letterbox":
+            size = int(getattr(encoder, "image_size", None) or self.sampler.resolution)
+            fit = letterbox
+        else:
+            size, fit = self.sampler.resolution, square_crop
         out = {}
         for c, concept in enumerate(datamodule.concepts):
             paths = [s.path for s in datamodule.samples if s.concept == c]
             out[concept.key] = reference_embeddings(
-                encoder, lambda j, paths=paths: (to_tensor(square_crop(load_rgb(paths[j]), size)) + 1) / 2,
+                encoder, lambda j, paths=paths: (to_tensor(fit(load_rgb(paths[j]), size)) + 1) / 2,
                 len(paths), self.sampler.batch_size, device)
         return out
 
@@ -180,17 +178,19 @@ class Evaluator:
                 self._base_model = module_digest(components.unet, module_digest(components.text_encoder),
                                                  module_digest(components.vae))
             base_folder = folder / "eval" / "base" / sampler_folder(self.sampler, self._base_model)
-            rank_zero_info(f"evaluation at epoch {epoch}: {len(suite)} images ({len(self.prompt_types)} prompt "
-                           f"types × {len(datamodule.concepts)} classes × {self.images}) into {epoch_folder}")
+            rank_zero_info(f"evaluation at epoch {epoch} ({self.protocol.name} protocol): {len(suite)} images "
+                           f"({len(self.prompt_types)} prompt types × {len(datamodule.concepts)} classes × "
+                           f"{self.images}) into {epoch_folder}")
             records, rate = measure_shard(components, networks, suite, range(rank, len(suite), world),
                                           self.sampler, encoders, epoch_folder, base_folder,
-                                          self.style_loss_prompt_types, show=rank == 0)
+                                          self.protocol.style_loss_prompt_types, show=rank == 0)
             everything = gather(records, world)
             if rank != 0:
                 return EvaluationResult(epoch, step, [], {}, rate * world)
             if self._references is None:
                 self._references = self.references(datamodule, encoders.image, device)
-            rows = table_rows(metric_values(suite, everything, self._references), run, config, seed, epoch, step)
+            rows = table_rows(metric_values(suite, everything, self._references, self.protocol), run, config,
+                              self.protocol.name, seed, epoch, step)
             write_metrics(folder / "metrics.csv", rows)
             rank_zero_info(f"evaluation at epoch {epoch}: {rate * world:.2f} images/s generated; "
                            f"{len(rows)} values in {folder / 'metrics.csv'}")

@@ -36,6 +36,7 @@ from ..metrics.functional import (
 from ..models import Components
 from .images import base_image_path, image_path, load_png, save_png
 from .prompts import EvalPrompt
+from .protocol import Protocol
 from .sampling import Sampler, adapters_off, sample
 
 
@@ -138,19 +139,23 @@ def reference_embeddings(encoder: ImageEmbedder, images: Callable[[int], Tensor]
 
 @dataclass
 class ConceptImages:
-    """The measured images of one (concept, prompt type), in suite order, and its dataset images' embeddings."""
+    """The measured images of one (concept, prompt type), in suite order, its dataset images' embeddings, and
+    whether its diversity is scored per prompt (else over all its images at once)."""
 
     prompts: list[EvalPrompt]
     records: list[Record]
     reference: Tensor
+    vendi_per_prompt: bool = True
 
     @cached_property
     def embeddings(self) -> Tensor:
         return torch.stack([r.embedding for r in self.records])
 
 
-def _vendi_per_prompt(group: ConceptImages) -> float:
-    """Diversity of the images of each prompt, averaged over the prompts."""
+def _vendi(group: ConceptImages) -> float:
+    """Diversity of the images of each prompt, averaged over the prompts; or of all the images, pooled."""
+    if not group.vendi_per_prompt:
+        return float(vendi_score(group.embeddings))
     ids = torch.tensor([p.prompt_id for p in group.prompts])
     return float(np.mean([float(vendi_score(group.embeddings[ids == i])) for i in ids.unique().tolist()]))
 
@@ -166,7 +171,7 @@ COMPUTATIONS: dict[str, Callable[[ConceptImages], float | None]] = {
     "image_similarity": lambda group: float(image_similarity(group.embeddings, group.reference)),
     "squared_centroid_distance": lambda group: float(squared_centroid_distance(group.embeddings, group.reference)),
     "text_image_similarity": lambda group: float(np.mean([r.text_similarity for r in group.records])),
-    "vendi_score": _vendi_per_prompt,
+    "vendi_score": _vendi,
     "style_loss": _style_loss,
 }
 
@@ -179,17 +184,19 @@ class ConceptValues:
     values: dict[str, float]  # metric name → value, in the order of `lycoflow.metrics.METRICS`
 
 
-def metric_values(suite: Sequence[EvalPrompt], records: Iterable[Record], references: dict[str, Tensor]
-                  ) -> list[ConceptValues]:
-    """Every metric of every (concept, prompt type) over its images (``references``: dataset embeddings by
-    concept key), in the order of the suite."""
+def metric_values(suite: Sequence[EvalPrompt], records: Iterable[Record], references: dict[str, Tensor],
+                  protocol: Protocol) -> list[ConceptValues]:
+    """The protocol's metrics of every (concept, prompt type) over its images (``references``: dataset embeddings
+    by concept key), in the order of the suite."""
     groups: dict[tuple[str, str], list[Record]] = {}
     for record in sorted(records, key=lambda r: r.index):
         prompt = suite[record.index]
         groups.setdefault((prompt.key, prompt.prompt_type), []).append(record)
     out = []
-    for (key, _), group in groups.items():
-        images = ConceptImages([suite[r.index] for r in group], group, references[key])
-        values = {spec.name: COMPUTATIONS[spec.name](images) for spec in METRICS}
+    for (key, prompt_type), group in groups.items():
+        images = ConceptImages([suite[r.index] for r in group], group, references[key],
+                               prompt_type in protocol.vendi_per_prompt)
+        values = {spec.name: COMPUTATIONS[spec.name](images) for spec in METRICS
+                  if protocol.measures(prompt_type, spec.name)}
         out.append(ConceptValues(images.prompts[0], {name: v for name, v in values.items() if v is not None}))
     return out

@@ -21,10 +21,10 @@ from .measuring import ConceptValues
 _SEED_KEYS = (("model", "seed"), ("data", "init_args", "seed"), ("trainer", "default_root_dir"))
 
 
-def table_rows(values: Iterable[ConceptValues], run: str, config: str, seed: int, epoch: int, step: int
-               ) -> list[dict[str, object]]:
+def table_rows(values: Iterable[ConceptValues], run: str, config: str, protocol: str, seed: int, epoch: int,
+               step: int) -> list[dict[str, object]]:
     """The rows of one checkpoint's values."""
-    return [{"run": run, "config": config, "seed": seed, "epoch": epoch, "step": step,
+    return [{"run": run, "config": config, "protocol": protocol, "seed": seed, "epoch": epoch, "step": step,
              "category": concept.prompt.category, "class": concept.prompt.class_name,
              "subclass": concept.prompt.subclass, "prompt_type": concept.prompt.prompt_type, "metric": metric,
              "value": value}
@@ -60,6 +60,8 @@ def config_id(recipe: str | None) -> str:
         if isinstance(node, dict):
             node.pop(path[-1], None)
     model = config.get("model")
+    if isinstance(model, dict) and model.get("max_token_length") == 75:  # the length every run had before the option
+        model.pop("max_token_length")
     for adapter in ("adapter", "text_encoder_adapter"):
         node = model.get(adapter) if isinstance(model, dict) else None
         init = node.get("init_args") if isinstance(node, dict) else None
@@ -67,6 +69,10 @@ def config_id(recipe: str | None) -> str:
         # existed stay one configuration with today's.
         if isinstance(init, dict) and not init.get("weight_decompose"):
             init.pop("dora_on_output", None)
+        # train_norm unset means "as the preset says": no norms but for preset full, what runs recorded before the
+        # option did too (their full-preset runs trained no norms, so those keep a different id).
+        if isinstance(init, dict) and init.get("train_norm", False) is None and init.get("preset") != "full":
+            init.pop("train_norm")
     trainer = config.get("trainer")
     logger = trainer.get("logger") if isinstance(trainer, dict) else None
     init = logger.get("init_args") if isinstance(logger, dict) else None

@@ -46,6 +46,7 @@ CRITERIA: dict[str, tuple[str, ...]] = {
     for criterion in ("fidelity", "controllability", "diversity", "preservation")
 }
 
-#: The columns of ``metrics.csv``: one row per (checkpoint, concept, prompt type, metric).
-COLUMNS = ("run", "config", "seed", "epoch", "step", "category", "class", "subclass", "prompt_type", "metric",
+#: The columns of ``metrics.csv``: one row per (checkpoint, concept, prompt type, metric); ``protocol`` names the
+#: evaluation protocol that measured it (files written before it have no such column).
+COLUMNS = ("run", "config", "protocol", "seed", "epoch", "step", "category", "class", "subclass", "prompt_type", "metric",
            "value")
