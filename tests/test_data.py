@@ -511,8 +511,15 @@ def test_bucket_batches_shard_across_ranks_disjoint_and_complete(tmp_path):
 def test_bucket_no_upscale_and_too_small_images(tmp_path):
     root = make_shaped_tree(tmp_path / "d", {"a/land": 2, "b/square": 1})
     noise_image(root / "b/square/tiny.png", (100, 300), seed=7)
-    with pytest.raises(ValueError, match=r"tiny\.png: image 100x300 has a side under 128 px \(the smallest bucket"):
+    # Upscaling allowed (kohya's and the paper's buckets): the small image covers its bucket.
+    dm = module(root, **BUCKETED)
+    assert not dm.skipped and len(dm.samples) == 4
+    noise_image(root / "b/square/speck.png", (20, 40), seed=8)  # 20 px to cover 256: more than 8x
+    with pytest.raises(ValueError, match=r"speck\.png: image 20x40 has a side under 32 px \(it would be upscaled"):
         module(root, **BUCKETED)
+    (root / "b/square/speck.png").unlink()
+    with pytest.raises(ValueError, match=r"tiny\.png: image 100x300 has a side under 128 px \(the smallest bucket"):
+        module(root, **BUCKETED, bucket_no_upscale=True)
     dm = module(root, **BUCKETED, bucket_no_upscale=True, on_bad_file="skip")
     assert [p.name for p, _ in dm.skipped] == ["tiny.png"]
     # 300x200 and 260x260 are under 256² in area: rounded down to the step, never upscaled.

@@ -89,9 +89,9 @@ class HierarchicalDataModule(L.LightningDataModule):
             caption_extension: extension of the caption file beside each image.
             num_workers: data loader worker processes (0: load in the main process).
             seed: seed of the epoch order, repeats, crops, flips and dropouts (non-negative).
-            on_bad_file: ``error`` stops at an unreadable image, caption, empty class folder or (with
-                ``bucketing``) an image with a side under ``min_bucket_resolution``; ``skip`` leaves it out and
-                lists it at setup.
+            on_bad_file: ``error`` stops at an unreadable image, caption, empty class folder, an image that would
+                be upscaled more than 8× to ``resolution`` or (with ``bucket_no_upscale``) one with a side under
+                ``min_bucket_resolution``; ``skip`` leaves it out and lists it at setup.
             bucketing: aspect-ratio buckets instead of square crops: each image is resized to cover the bucket
                 nearest its aspect ratio and cropped (centre or random per ``center_crop``); every batch holds
                 one bucket. Buckets (kohya's): (w, h), multiples of ``bucket_step`` within
@@ -158,10 +158,11 @@ class HierarchicalDataModule(L.LightningDataModule):
         if self.dataset is not None:
             return
         root = Path(self.root).expanduser()
-        if self.bucketing:
+        if self.bucketing and self.bucket_no_upscale:
+            # Never upscaled: an image keeps its own size, which no bucket under the smallest can hold.
             min_side = self.min_bucket_resolution
             rule = f"the smallest bucket, min_bucket_resolution {min_side}: use a larger image or lower it"
-        else:
+        else:  # upscaled to cover its square or bucket, as kohya does (the paper's buckets allow it)
             # An image blown up more than 8x holds too little to learn from: a 1x1 image trains as a flat colour.
             min_side = -(-self.resolution // MAX_UPSCALE)
             rule = (f"it would be upscaled more than {MAX_UPSCALE}x to resolution {self.resolution}: use a larger "
