@@ -32,7 +32,8 @@ TYPES = ["train", "trigger", "alter", "style", "agnostic"]
 
 def settings(**kwargs) -> dict:
     """Small and fast settings (those of `Evaluation` and `Evaluator` alike)."""
-    options = {"images": 2, "protocol": GenericProtocol(prompt_types=TYPES), "sampler": Sampler(steps=2, resolution=32, batch_size=16),
+    options = {"images": 2, "protocol": GenericProtocol(prompt_types=TYPES),
+               "sampler": Sampler(steps=2, resolution=32, batch_size=16),
                "image_encoder": TinyDINOv2(), "text_image_encoder": TinyCLIP(), "style_encoder": TinyVGG19()}
     return {**options, **kwargs}
 

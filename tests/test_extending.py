@@ -70,7 +70,8 @@ def test_the_readme_metric_example_is_measured_and_ranked(monkeypatch, tmp_path)
         folder = tmp_path / "runs" / run
         folder.mkdir(parents=True)
         (folder / "metrics.csv").write_text(
-            ",".join(specs.COLUMNS) + f"\n{run},{run},paper,0,1,10,shapes,star,,trigger,{name},{value}\n", encoding="utf-8")
+            ",".join(specs.COLUMNS) + f"\n{run},{run},paper,0,1,10,shapes,star,,trigger,{name},{value}\n",
+            encoding="utf-8")
         runs.append(folder)
     analyze(runs, tmp_path / "report")
     with open(tmp_path / "report" / "scores.csv", newline="", encoding="utf-8") as f:

@@ -4,10 +4,9 @@ paper protocol's prompts, allocation, seeds and CLIP texts on a data set of the 
 from collections import Counter
 
 import pytest
-
-from lycoflow.data import scan
 from PIL import Image
 
+from lycoflow.data import scan
 from lycoflow.evaluation import GenericProtocol, PaperProtocol, Protocol
 from lycoflow.evaluation.prompts import (
     ALTER_TEMPLATES,
@@ -171,8 +170,9 @@ def test_paper_prompts_per_category_and_the_texts_given_to_clip(paper_shaped):
     # A stuffed toy: its trigger replaced by its noun, the stuffed-toy templates.
     toy = "stuffed_toy/plushie_pink"
     assert distinct(toy, "trigger") == [("olis stuffed toy", "pink stuffed toy")]
-    assert distinct(toy, "alter")[:2] == [("olis stuffed toy in grand canyon", "pink stuffed toy in grand canyon"),
-                                          ("olis stuffed toy swimming in a pool", "pink stuffed toy swimming in a pool")]
+    assert distinct(toy, "alter")[:2] == [
+        ("olis stuffed toy in grand canyon", "pink stuffed toy in grand canyon"),
+        ("olis stuffed toy swimming in a pool", "pink stuffed toy swimming in a pool")]
     assert [p for p, _ in distinct(toy, "alter")] == [t.format("olis stuffed toy") for t in STUFFED_TOY_TEMPLATES]
     # A style: its descriptor deleted, then the stripping rule (a leading "of " goes).
     style = "style/vladimir_borovikovsky"

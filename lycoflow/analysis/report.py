@@ -69,6 +69,7 @@ from .plots import (
     INSTALL_HINT,
     PANELS,
     Measure,
+    Panel,
     ShapSetup,
     Units,
     beeswarm,
@@ -261,19 +262,27 @@ def _criterion_charts(data: Dataset, scores: Sequence[float], categories: Sequen
     """The criterion means' scatter plots (`PANELS`, every epoch) and SHAP charts (`GENERIC_SHAP`, one per
     criterion) of each category, written to ``out``; their HTML."""
     by_measure = _measure_units(data, scores, [m for panel in PANELS for m in panel], prompt_types)
-    plots: list[str] = []
-    for category in categories:
-        png = scatter(data, PANELS, by_measure, category, colours, f"{category_name(category)}: {SPREAD}")
-        if png is None:
-            notes.append(f"no scatter plot for {category_name(category)}: no checkpoint has both scores of a panel")
-            continue
-        _write(out / f"scatter_{_slug(category_name(category))}.png", png)
-        plots.append(_image_html(png, f"scatter plots of {category_name(category)}"))
+    plots = [html for category in categories
+             for html in _scatter_chart(data, PANELS, by_measure, category, colours, category_name(category),
+                                        out / f"scatter_{_slug(category_name(category))}.png", notes)]
     if not explaining:
         return plots, []
     targets = [(criterion, f"shap_{criterion}", unit_scores(data.rows, scores, metrics, prompt_types))
                for criterion, metrics in CRITERIA.items()]
     return plots, _shap_charts(data, targets, GENERIC_SHAP, categories, colours, out, notes)
+
+
+def _scatter_chart(data: Dataset, panels: Sequence[Panel], units: Mapping[Measure, dict[str, Units]],
+                   category: str, colours: dict[str, str], name: str, path: Path, notes: list[str],
+                   what: str = "scatter plots") -> list[str]:
+    """One category's scatter panels written to ``path``: its HTML, or nothing (and a note) when no point has
+    both scores of a panel."""
+    png = scatter(data, panels, units, category, colours, f"{name}: {SPREAD}")
+    if png is None:
+        notes.append(f"no {what} for {name}: no checkpoint has both scores of a panel")
+        return []
+    _write(path, png)
+    return [_image_html(png, f"{what} of {name}")]
 
 
 def _shap_charts(data: Dataset, targets: Sequence[tuple[str, str, Mapping[str, Units]]], setup: ShapSetup,
@@ -329,13 +338,10 @@ def _paper_analysis(data: Dataset, scores: Sequence[float], categories: Sequence
     for epoch in epochs:
         shown = {m: {c: at_epoch(u, epoch) for c, u in by_category.items()} for m, by_category in units.items()}
         for category in categories:
-            name = f"{category_name(category)}, epoch {epoch}"
-            png = scatter(data, PAPER_PANELS, shown, category, colours, f"{name}: {SPREAD}")
-            if png is None:
-                notes.append(f"no paper panels for {name}: no configuration has both scores of a panel")
-                continue
-            _write(out / f"paper_scatter_{_slug(category_name(category))}_epoch{epoch}.png", png)
-            plots.append(_image_html(png, f"the paper's scatter panels of {name}"))
+            plots += _scatter_chart(data, PAPER_PANELS, shown, category, colours,
+                                    f"{category_name(category)}, epoch {epoch}",
+                                    out / f"paper_scatter_{_slug(category_name(category))}_epoch{epoch}.png", notes,
+                                    "paper scatter panels")
     charts: list[str] = []
     if explaining:
         for config in sorted(data.configs.values(), key=lambda c: c.label):

@@ -41,6 +41,6 @@ __all__ = [
     "ENTRY_FIELDS", "IMAGE_EXTENSIONS", "MANIFEST", "Balance", "BalancedSampler", "Bucket", "BucketBatchSampler",
     "Concept", "HierarchicalDataModule", "HierarchicalDataset", "OnBadFile", "Quota", "Sample", "SyntheticConcepts",
     "apply_repeats", "assign_bucket", "batch_by_bucket", "bucket_sizes", "bucket_strata", "build_caption",
-    "clean_tags", "cover_crop", "letterbox", "expected_exposures", "load_manifest", "load_rgb", "plan_quotas", "print_buckets",
-    "print_summary", "probe_image", "read_tags", "report_cache", "scan", "square_crop", "to_tensor",
+    "clean_tags", "cover_crop", "expected_exposures", "letterbox", "load_manifest", "load_rgb", "plan_quotas",
+    "print_buckets", "print_summary", "probe_image", "read_tags", "report_cache", "scan", "square_crop", "to_tensor",
 ]

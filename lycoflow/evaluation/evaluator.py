@@ -105,10 +105,6 @@ class Evaluator:
         self._announced = False  # which encoders run is said once per run
         self._base_model: str | None = None  # digest of the frozen base model, once per run
 
-    @property
-    def prompt_types(self) -> list[str]:
-        return self.protocol.prompt_types
-
     def config_of(self, recipe: str | None) -> str:
         """The ``config`` column: ``config_name``, else the digest of the resolved recipe (`config_id`)."""
         return self.config_name or config_id(recipe)
@@ -179,7 +175,7 @@ class Evaluator:
                                                  module_digest(components.vae))
             base_folder = folder / "eval" / "base" / sampler_folder(self.sampler, self._base_model)
             rank_zero_info(f"evaluation at epoch {epoch} ({self.protocol.name} protocol): {len(suite)} images "
-                           f"({len(self.prompt_types)} prompt types × {len(datamodule.concepts)} classes × "
+                           f"({len(self.protocol.prompt_types)} prompt types × {len(datamodule.concepts)} classes × "
                            f"{self.images}) into {epoch_folder}")
             records, rate = measure_shard(components, networks, suite, range(rank, len(suite), world),
                                           self.sampler, encoders, epoch_folder, base_folder,

@@ -166,7 +166,8 @@ class GenericProtocol(Protocol):
                  style_templates: list[str] | None = None, style_loss_prompt_types: list[PromptType] | None = None,
                  seed: int = 0) -> None:
         super().__init__(
-            "generic", list(prompt_types or ["train", "trigger", "alter", "style"]), seed=seed, seeds="hashed", allocation="cycle",
+            "generic", list(prompt_types or ["train", "trigger", "alter", "style"]), seed=seed, seeds="hashed",
+            allocation="cycle",
             alter_templates=ALTER_TEMPLATES if alter_templates is None else alter_templates,
             category_alter_templates={},
             style_templates=GENERIC_STYLE_TEMPLATES if style_templates is None else style_templates,

@@ -48,5 +48,5 @@ CRITERIA: dict[str, tuple[str, ...]] = {
 
 #: The columns of ``metrics.csv``: one row per (checkpoint, concept, prompt type, metric); ``protocol`` names the
 #: evaluation protocol that measured it (files written before it have no such column).
-COLUMNS = ("run", "config", "protocol", "seed", "epoch", "step", "category", "class", "subclass", "prompt_type", "metric",
-           "value")
+COLUMNS = ("run", "config", "protocol", "seed", "epoch", "step", "category", "class", "subclass", "prompt_type",
+           "metric", "value")
