@@ -174,7 +174,7 @@ def measure_share(steps: int, device: str) -> dict[str, Any]:
 
 def print_share(raw: dict[str, Any]) -> None:
     load, step = statistics.median(raw["load_s"]), statistics.median(raw["step_s"])
-    print(f"share: recipes/quickstart.yaml, batches of {raw['batch_size']}, {len(raw['load_s'])} steps")
+    print(f"share: recipes/tiny.yaml, batches of {raw['batch_size']}, {len(raw['load_s'])} steps")
     print(f"  loader {load * 1e3:.1f} ms/batch, training step {step * 1e3:.0f} ms, "
           f"loader / (loader + step): {load / (load + step):.1%}", flush=True)
 

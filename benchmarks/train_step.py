@@ -5,7 +5,7 @@ Two parts, each timed with ``benchmarks/adapters.py``'s machinery (whose docstri
 run round-robin on the very same model, shuffled each round, after an untimed warm-up round; a case's ratio
 is the median over rounds of its time over the floor's in the same round.
 
-- ``quickstart``: the model, adapter and data of ``recipes/quickstart.yaml``, instantiated from the recipe as
+- ``quickstart``: the model, adapter and data of ``recipes/tiny.yaml``, instantiated from the recipe as
   ``lycoflow fit`` does (tiny SD-1.x model with LoKr factor 8, dim 10000, α 1, preset ``attn-mlp`` on the
   UNet and the text encoder; batches of 8 images at 128×128 from its data module). One **training step** is
   what ``training_step`` runs plus the optimizer: ``denoising_loss`` (VAE encode, text encoder, noising,
@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a fol
 import adapters as bench  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = REPO / "recipes" / "quickstart.yaml"
+RECIPE = REPO / "recipes" / "tiny.yaml"
 SD15_ALGORITHMS = ("LoRA", "LoKr")  # at adapters.py's paper defaults
 FLOOR = bench.FLOOR
 FIT_WARMUP = 3  # untimed fit steps: the first intervals include the loader's start and first allocations
@@ -167,7 +167,7 @@ def measure_quickstart(settings: bench.Settings, fit_steps: int) -> dict[str, An
 def print_quickstart(raw: dict[str, Any]) -> dict[str, float]:
     size, times, adapter = raw["batch_size"], raw["step_s"], raw["adapter"]
     floor_ms = median_ms(times[FLOOR])
-    print(f"quickstart: recipes/quickstart.yaml (tiny SD 1.x, {adapter} on UNet and text encoder, "
+    print(f"quickstart: recipes/tiny.yaml (tiny SD 1.x, {adapter} on UNet and text encoder, "
           f"{raw['params']:,} parameters), batches of {size}, rounds: {len(times[FLOOR])}")
     print(f"{'case':<14}{'ms/step':>10}{'images/s':>11}{'step/floor':>13}")
     ratios = {}

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from lycoflow.data import HierarchicalDataModule
-from lycoflow.evaluation import Evaluator, Protocol, Sampler
+from lycoflow.evaluation import Evaluator, Protocol, Sampler, adapters_off
+from lycoflow.evaluation.table import summary
 from lycoflow.metrics.encoders import ImageEmbedder, StyleFeatures, TextImageEmbedder
 
 from .saving import AdapterExport
@@ -45,6 +47,8 @@ class Evaluation(L.Callback):
             run folder (so the seeds of one configuration share it).
         grid_images: images per class and prompt type in the W&B grids.
         dirpath: where images and metrics.csv go; None: the run folder (``trainer.default_root_dir``).
+        base: also evaluate the base model (every adapter at multiplier 0) before the first epoch, as epoch 0: what
+            training is measured against. At the end of training a table per evaluated epoch is printed.
     """
 
     def __init__(
@@ -60,6 +64,7 @@ class Evaluation(L.Callback):
         config_name: str | None = None,
         grid_images: int = 8,
         dirpath: str | None = None,
+        base: bool = False,
     ) -> None:
         if every_n_epochs is not None and every_n_epochs < 1:
             raise ValueError(f"Evaluation: every_n_epochs={every_n_epochs} must be >= 1 (or null: with AdapterExport)")
@@ -68,7 +73,7 @@ class Evaluation(L.Callback):
                 raise ValueError("Evaluation: give every_n_epochs or epochs, not both")
             if not epochs or any(e < 1 for e in epochs):
                 raise ValueError(f"Evaluation: epochs={epochs} must list epochs >= 1")
-        self.every_n_epochs, self.epochs, self.dirpath = every_n_epochs, epochs, dirpath
+        self.every_n_epochs, self.epochs, self.dirpath, self.base = every_n_epochs, epochs, dirpath, base
         #: Does the work; also what `lycoflow evaluate` takes a recipe's evaluation settings from.
         self.evaluator = Evaluator(images, protocol, sampler, image_encoder, text_image_encoder, style_encoder,
                                    config_name, grid_images)
@@ -90,10 +95,23 @@ class Evaluation(L.Callback):
         if stage == "fit":
             self.evaluator.encoders(torch.device("cpu"))
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.base and trainer.global_step == 0:  # not again when a run resumes
+            with adapters_off(pl_module.networks.values()):
+                self._evaluate(trainer, pl_module, 0)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
-        if not self.due(trainer, epoch):
-            return
+        if self.due(trainer, epoch):
+            self._evaluate(trainer, pl_module, epoch)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        table = self.folder(trainer) / "metrics.csv"
+        if trainer.is_global_zero and table.is_file():
+            run = Path(trainer.default_root_dir).resolve().name
+            rank_zero_info(f"evaluation of {run} ({table}; mean over classes):\n{summary(table, run)}")
+
+    def _evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         datamodule = trainer.datamodule
         if not isinstance(datamodule, HierarchicalDataModule):
             raise TypeError("Evaluation needs a lycoflow.data.HierarchicalDataModule (its classes and images)")

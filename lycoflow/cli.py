@@ -30,6 +30,7 @@ OWN_COMMANDS = {
     "generate": "images from a base model with adapter files at chosen weights",
     "merge": "bake adapter files into a base model: a diffusers folder or a single checkpoint file",
     "extract": "SVD-extract a LoRA/LoCon file from a fine-tuned model against its base",
+    "pretrain": "train the toy world's base model and evaluation encoders from scratch (what ships with lycoflow)",
 }
 
 USAGE = """usage: lycoflow COMMAND [RECIPE ...] [--key=value ...]
@@ -40,7 +41,8 @@ commands:
 {commands}
 
 examples:
-  lycoflow fit recipes/quickstart.yaml                  # tiny model, generated data, CPU, offline
+  lycoflow fit recipes/quickstart.yaml                  # the pretrained toy world: CPU, offline, ~3 min
+  lycoflow fit recipes/loha.yaml recipes/toy-world.yaml # any algorithm on the toy world
   lycoflow fit recipes/lokr.yaml --data.init_args.root=/data/my_concepts
   lycoflow fit recipes/lokr.yaml --ckpt_path last       # resume an interrupted run
   lycoflow fit recipes/lora.yaml --print_config         # the resolved recipe, with every default
@@ -48,6 +50,7 @@ examples:
   lycoflow evaluate --adapter runs/lokr/adapters/epoch=10.safetensors   # its recipe is inside the file
   lycoflow sweep recipes/sweeps/paper.yaml --list                       # the paper's 78 runs
   lycoflow analyze runs/paper --out reports/paper                       # then open reports/paper/report.html
+  lycoflow pretrain --out runs/pretrain                                 # retrain the toy world (~40 min, CPU)
   lycoflow COMMAND --help                                               # a command's options
 """
 
@@ -147,6 +150,10 @@ def main(argv: list[str] | None = None) -> int:
             from .sweep import main as sweep
 
             return sweep(argv[1:])
+        elif argv[0] == "pretrain":
+            from .pretrain import main as pretrain
+
+            return pretrain(argv[1:])
         elif argv[0] == "analyze":
             from .analysis import main as analyze
 

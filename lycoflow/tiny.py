@@ -65,8 +65,11 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 10
     return CLIPTextModel(config)
 
 
-def tiny_vae(seed: int = 0) -> AutoencoderKL:
-    """A 4-level AutoencoderKL: 8× spatial reduction to 4 latent channels, as SD's VAE, with 8–32 channels."""
+def tiny_vae(seed: int = 0, norm_num_groups: int = 8) -> AutoencoderKL:
+    """A 4-level AutoencoderKL: 8× spatial reduction to 4 latent channels, as SD's VAE, with 8–32 channels.
+
+    With 8 groups each of the 8 full-resolution channels is normalised alone (instance norm), which erases every
+    image's mean colour before the decoder's output convolution: `lycoflow.toy`'s trained VAE uses 2 groups."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3,
@@ -76,7 +79,7 @@ def tiny_vae(seed: int = 0) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=1,
         latent_channels=4,
-        norm_num_groups=8,
+        norm_num_groups=norm_num_groups,
         sample_size=64,
     )
 
@@ -136,13 +139,12 @@ def tiny_components(seed: int = 0) -> Components:
         )
 
 
-def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny SD 1.x model as a diffusers folder (model_index.json + one subfolder per part), atomically."""
+def write_diffusers_folder(folder: str | os.PathLike, parts: Components) -> Path:
+    """Write a model's parts as a diffusers folder (model_index.json + one subfolder per part), atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        parts = tiny_components(seed)
         for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
             getattr(parts, name).save_pretrained(tmp / name)
         (tmp / "model_index.json").write_text(json.dumps({
@@ -160,6 +162,11 @@ def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny SD 1.x model with random weights as a diffusers folder, atomically."""
+    return write_diffusers_folder(folder, tiny_components(seed))
 
 
 class TinySD(BaseModel):

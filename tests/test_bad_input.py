@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import save_file as write_tensors
 
 REPO = Path(__file__).parent.parent
-QUICKSTART = str(REPO / "recipes" / "quickstart.yaml")
+QUICKSTART = str(REPO / "recipes" / "tiny.yaml")
 FAST = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.logger=false",
         "--trainer.enable_progress_bar=false"]
 

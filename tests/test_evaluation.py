@@ -136,7 +136,7 @@ def test_lycoflow_evaluate_reproduces_the_evaluation_of_training(tiny, tmp_path)
     """The adapter file alone (its recipe is inside) gives the metrics the run computed at that epoch; overrides
     apply on top of the stored recipe (here: a W&B logger, which the run had turned off)."""
     run = tmp_path / "run"
-    run_lightning(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}",
+    run_lightning(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={run}",
                    "--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
                    "--trainer.logger=false"])
     during = read_rows(run / "metrics.csv")
@@ -183,10 +183,10 @@ def test_validate_leaves_the_runs_config_alone(tiny, tmp_path):
     run = tmp_path / "run"
     quick = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", "--trainer.logger=false",
              "--trainer.callbacks=[{class_path: callbacks.RunCheckpoint}]"]
-    run_lightning(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}",
+    run_lightning(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={run}",
                    "--trainer.max_epochs=1", *quick])
     before = (run / "config.yaml").read_text()
-    assert main(["validate", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}", *quick,
+    assert main(["validate", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={run}", *quick,
                  "--data.init_args.caption_dropout=0.5", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"]) == 0
     assert (run / "config.yaml").read_text() == before
 

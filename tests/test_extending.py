@@ -15,7 +15,7 @@ ROOT = Path(__file__).parent.parent
 
 def test_the_readme_extensions_train_save_and_evaluate(readme_examples, tiny_sd_folder, synthetic_root, tmp_path):
     run = tmp_path / "run"
-    run_lightning(["fit", str(ROOT / "recipes" / "quickstart.yaml"),
+    run_lightning(["fit", str(ROOT / "recipes" / "tiny.yaml"),
                    "--model.base=my_models.MyCheckpoint", f"--model.base.init_args.folder={tiny_sd_folder}",
                    "--model.adapter=my_algos.ScaledDiff", "--model.adapter.init_args.preset=attn-only",
                    "--data=my_data.MyConcepts", f"--data.init_args.folder={synthetic_root}",

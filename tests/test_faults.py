@@ -38,7 +38,7 @@ QUICK = ("--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", "--
 
 
 def fit(tiny, run, *extra):
-    return run_lightning(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}", *extra])
+    return run_lightning(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={run}", *extra])
 
 
 def lycoflow_fit(tiny, run, *extra, env=None, file_size_limit=None, timeout=300):
@@ -50,7 +50,7 @@ def lycoflow_fit(tiny, run, *extra, env=None, file_size_limit=None, timeout=300)
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
 
     return subprocess.run(
-        [sys.executable, "-m", "lycoflow.cli", "fit", "recipes/quickstart.yaml", *tiny,
+        [sys.executable, "-m", "lycoflow.cli", "fit", "recipes/tiny.yaml", *tiny,
          f"--trainer.default_root_dir={run}", *extra],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True,
         timeout=timeout, preexec_fn=limit if file_size_limit else None)

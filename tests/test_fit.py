@@ -20,7 +20,8 @@ from lycoflow.lightning_cli import run_lightning
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import TinySD
 
-RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+#: Whole recipes; `toy-world.yaml` is an overlay for them (tests/test_toy_world.py instantiates it over each).
+RECIPES = sorted(p for p in Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml") if p.stem != "toy-world")
 
 
 # The SD recipes' callbacks without their Evaluation, whose real encoders (DINOv2, CLIP, VGG19) need downloads.
@@ -59,7 +60,7 @@ def test_every_recipe_instantiates_with_the_tiny_model(recipe, tiny):
     exports = [cb for cb in cli.trainer.callbacks if type(cb).__name__ == "AdapterExport"]
     assert len(exports) == 1 and exports[0].every_n_epochs == config["trainer"]["callbacks"][0]["init_args"][
         "every_n_epochs"]
-    if recipe.stem != "quickstart":  # the paper's shared defaults (issue 3)
+    if recipe.stem not in ("quickstart", "tiny"):  # the paper's shared defaults (issue 3)
         assert config["model"]["adapter"]["init_args"]["preset"] == "attn-mlp"
         assert config["data"]["init_args"]["batch_size"] == 8 and config["trainer"]["max_epochs"] == 50
         assert config["data"]["init_args"]["caption_dropout"] == 0.05
@@ -143,11 +144,11 @@ class CrashWhileSaving(L.Callback):
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_whole(tiny, tmp_path):
     run = tmp_path / "run"
     with pytest.raises(RuntimeError, match="killed while saving"):
-        fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=3", "--trainer.limit_train_batches=1",
+        fit("recipes/tiny.yaml", tiny, run, "--trainer.max_epochs=3", "--trainer.limit_train_batches=1",
             "--trainer.limit_val_batches=0", "--trainer.logger=false", "--trainer.callbacks+=test_fit.CrashWhileSaving")
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)  # epoch 1's, readable
     assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 1
-    resumed = fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=2", "--trainer.limit_train_batches=1",
+    resumed = fit("recipes/tiny.yaml", tiny, run, "--trainer.max_epochs=2", "--trainer.limit_train_batches=1",
                   "--trainer.limit_val_batches=0", "--trainer.logger=false", "--ckpt_path=last")
     assert resumed.trainer.global_step == 2
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["last.ckpt"]  # the stray temporary file is gone
@@ -157,10 +158,10 @@ def test_resuming_with_another_adapter_is_refused_and_keeps_the_runs_config(tiny
     run = tmp_path / "run"
     quick = ["--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0", "--trainer.logger=false",
              "--trainer.callbacks=[{class_path: callbacks.RunCheckpoint}]"]
-    fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=1", *quick)
+    fit("recipes/tiny.yaml", tiny, run, "--trainer.max_epochs=1", *quick)
     before = (run / "config.yaml").read_text()
     assert yaml.safe_load(before)["model"]["adapter"]["init_args"]["factor"] == 8
-    assert main(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={run}",
+    assert main(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={run}",
                  "--trainer.max_epochs=2", *quick, "--model.adapter.init_args.factor=4", "--ckpt_path=last"]) == 2
     assert "this checkpoint was written with a different adapter configuration" in capsys.readouterr().err
     assert (run / "config.yaml").read_text() == before
@@ -174,7 +175,7 @@ def test_resuming_with_another_adapter_is_refused_and_keeps_the_runs_config(tiny
      "--model.adapter.init_args.dropout=0.1", "--model.adapter.init_args.module_dropout=0.2"],
 ], ids=["lokr", "dylora-dropout"])
 def test_resume_after_a_crash_continues_exactly(adapter, tiny, tmp_path, caplog):
-    common = ("recipes/quickstart.yaml", tiny)
+    common = ("recipes/tiny.yaml", tiny)
     opts = ("--trainer.max_epochs=3", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=1",
             "--trainer.logger=false", "--data.init_args.caption_dropout=0.3", "--data.init_args.flip=true",
             "--model.noise_offset=0.05", *adapter)
@@ -205,7 +206,7 @@ def test_wandb_runs_offline_by_itself_and_never_stops_training(mode, tiny, tmp_p
     if mode == "disabled":
         monkeypatch.setenv("WANDB_MODE", "disabled")
     run = tmp_path / "logged"
-    cli = fit("recipes/quickstart.yaml", tiny, run, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+    cli = fit("recipes/tiny.yaml", tiny, run, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
               "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", *extra)
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["adapter"]["class_path"] == "lycoris.LoKr"
@@ -253,7 +254,7 @@ def test_unreadable_recipes_are_named(tmp_path, capsys):
 def test_a_run_folder_that_is_a_file_is_named(tiny, tmp_path, capsys):
     taken = tmp_path / "taken"
     taken.write_text("the user's own file")
-    assert main(["fit", "recipes/quickstart.yaml", *tiny, f"--trainer.default_root_dir={taken}"]) == 2
+    assert main(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={taken}"]) == 2
     err = capsys.readouterr().err
     assert f"trainer.default_root_dir {taken} is a file, not a folder" in err and "Traceback" not in err
     assert taken.read_text() == "the user's own file"
@@ -262,7 +263,7 @@ def test_a_run_folder_that_is_a_file_is_named(tiny, tmp_path, capsys):
 def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "fit " in out and "validate " in out and "recipes/quickstart.yaml" in out
+    assert "fit " in out and "validate " in out and "recipes/tiny.yaml" in out
 
 
 @pytest.mark.slow
@@ -270,7 +271,7 @@ def test_ddp_on_two_cpu_processes(tiny, tmp_path):
     """Lightning re-launches `python -m lycoflow.cli` per rank (gloo on CPU); the ranks share each epoch."""
     run = tmp_path / "ddp"
     result = subprocess.run(
-        [sys.executable, "-m", "lycoflow.cli", "fit", "recipes/quickstart.yaml", *tiny,
+        [sys.executable, "-m", "lycoflow.cli", "fit", "recipes/tiny.yaml", *tiny,
          f"--trainer.default_root_dir={run}", "--trainer.strategy=ddp", "--trainer.devices=2",
          "--trainer.max_epochs=1", "--trainer.limit_train_batches=3", "--trainer.limit_val_batches=0",
          "--trainer.logger=false"],

@@ -20,13 +20,14 @@ RANKS = {
     "lycoflow.models": 2,
     "lycoflow.tiny": 3,
     "lycoflow.data": 4,
-    "lycoflow.metrics": 5,
-    "lycoflow.evaluation": 6,
-    "lycoflow.module": 7, "lycoflow.loggers": 7,
-    "lycoflow.tools": 8, "lycoflow.analysis": 8, "lycoflow.sweep": 8,
-    "lycoflow.lightning_cli": 9,
-    "lycoflow.cli": 10,
-    "callbacks": 11,
+    "lycoflow.toy": 5,
+    "lycoflow.metrics": 6,
+    "lycoflow.evaluation": 7,
+    "lycoflow.module": 8, "lycoflow.loggers": 8,
+    "lycoflow.tools": 9, "lycoflow.analysis": 9, "lycoflow.sweep": 9, "lycoflow.pretrain": 9,
+    "lycoflow.lightning_cli": 10,
+    "lycoflow.cli": 11,
+    "callbacks": 12,
 }
 
 

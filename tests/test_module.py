@@ -117,7 +117,7 @@ def test_optimizer_has_paper_defaults_per_part_rates_and_warmup(tiny_sd_folder):
 
 
 def test_validate_command_reports_the_validation_loss(tiny_sd_folder, synthetic_root):
-    cli = run_lightning(["validate", "recipes/quickstart.yaml", "--model.base.init_args.folder", str(tiny_sd_folder),
+    cli = run_lightning(["validate", "recipes/tiny.yaml", "--model.base.init_args.folder", str(tiny_sd_folder),
                          f"--data.init_args.root={synthetic_root}", "--data.init_args.resolution=64",
                          "--trainer.logger=false", "--trainer.limit_val_batches=2",
                          "--trainer.enable_progress_bar=false"])

@@ -102,7 +102,7 @@ def test_with_bitsandbytes_it_is_its_8bit_adamw():
 
 
 def test_recipes_name_it_and_lightning_checkpoints_resume_it_exactly(tiny, tmp_path):
-    quickstart = str(REPO / "recipes" / "quickstart.yaml")
+    quickstart = str(REPO / "recipes" / "tiny.yaml")
 
     def fit(run, *extra):
         return run_lightning(["fit", quickstart, *tiny, f"--trainer.default_root_dir={tmp_path / run}", *QUICK, *extra])

@@ -22,12 +22,12 @@ from safetensors.torch import load_file
 from lycoflow.evaluation import config_id
 from lycoflow.lightning_cli import run_lightning
 
-QUICKSTART = Path(__file__).parent.parent / "recipes" / "quickstart.yaml"
+QUICKSTART = Path(__file__).parent.parent / "recipes" / "tiny.yaml"
 
 ADAPTER_TENSORS = "7f2fdda3"  # sha256 of every tensor's name, dtype, shape and bytes, in key order
 METRIC_ROWS = "eb681f69"  # sha256 of metrics.csv without its `config` column (which digests tmp paths here)
 ROWS = 119
-CONFIG_ID = "fa95ef3f74"  # the `config` column of a plain `lycoflow fit recipes/quickstart.yaml`
+CONFIG_ID = "fa95ef3f74"  # the `config` column of a plain `lycoflow fit recipes/tiny.yaml`
 
 
 def tensors_digest(path: Path) -> str:

@@ -130,7 +130,7 @@ def test_bad_sweep_files_are_named(text, message, tmp_path, capsys):
 def test_a_sweep_runs_every_run_goes_on_after_a_failure_and_skips_finished_runs(tiny, tmp_path, capsys):
     sweep = tmp_path / "tiny.yaml"
     sweep.write_text(yaml.safe_dump({"name": "tiny", "seeds": [0], "root": "runs", "configs": [{
-        "name": "lokr", "recipes": [str(REPO / "recipes" / "quickstart.yaml")],
+        "name": "lokr", "recipes": [str(REPO / "recipes" / "tiny.yaml")],
         "vary": [{"model.lr": 1.0e-3}, {"model.adapter.init_args.factor": "not-a-number"}]}]}))
     quick = [*tiny, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0",
              "--trainer.logger=false", "--trainer.callbacks=[]"]
@@ -150,7 +150,7 @@ def test_a_sweep_runs_every_run_goes_on_after_a_failure_and_skips_finished_runs(
 def test_set_applies_to_every_variant_of_a_configuration_and_variants_win(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"seeds": [3], "configs": [{
-        "name": "lora", "recipes": [str(REPO / "recipes" / "quickstart.yaml")],
+        "name": "lora", "recipes": [str(REPO / "recipes" / "tiny.yaml")],
         "set": {"model.adapter": "lycoris.LoRA", "model.lr": 1.0e-4}, "vary": [{"model.lr": 1.0e-3}]}]}))
     default, variant = load_sweep(path, root=tmp_path / "runs")
     assert default.overrides == ("--model.adapter=lycoris.LoRA", "--model.lr=0.0001")
@@ -165,7 +165,7 @@ def test_set_applies_to_every_variant_of_a_configuration_and_variants_win(tmp_pa
 def test_a_runs_concrete_recipe_resolves_to_what_its_command_line_does(tiny, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"seeds": [4], "configs": [{
-        "name": "lora", "recipes": [str(REPO / "recipes" / "quickstart.yaml")],
+        "name": "lora", "recipes": [str(REPO / "recipes" / "tiny.yaml")],
         "set": {"model.adapter": "lycoris.LoRA", "model.adapter.init_args.dim": 4},
         "vary": [{"model.lr": 1.0e-3, "data.init_args.flip": True}]}]}))
     run = load_sweep(path, root=tmp_path / "runs")[1]

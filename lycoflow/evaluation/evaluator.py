@@ -118,6 +118,10 @@ class Evaluator:
             self._encoders = (image or DINOv2(), text_image or OpenCLIP(), style or VGG19())
             self._announced = True
             rank_zero_info(f"evaluation encoders: {', '.join(e.name for e in self._encoders)}")
+            toy = [e.name for e in self._encoders if e.name.startswith("toy-world")]
+            if toy:
+                rank_zero_info(f"{', '.join(toy)}: trained on lycoflow's toy world (lycoflow.metrics.toy), they "
+                               "measure images of that world only")
             untrained = [e.name for e in self._encoders if not e.pretrained]
             if untrained:
                 rank_zero_warn(f"evaluation encoders with random weights: {', '.join(untrained)}; their metrics "

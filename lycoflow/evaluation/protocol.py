@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-from ..data import Concept
+from ..data import Concept, world
 from .prompts import (
     ALTER_TEMPLATES,
     GENERIC_STYLE_TEMPLATES,
@@ -174,3 +174,18 @@ class GenericProtocol(Protocol):
             unstyled_categories=[], references="crop", vendi_per_prompt=list(PROMPT_TYPES),
             style_loss_prompt_types=list(style_loss_prompt_types or ["style"]),
         )
+
+
+class ToyWorldProtocol(GenericProtocol):
+    """`GenericProtocol` with prompts in the toy world's words (`lycoflow.data.world`), which the toy base draws
+    and the toy encoders read: alterations of background, size and position, and the world's four rendering
+    styles. For the quickstart and the toy sweep; ``protocol`` column ``toy-world``.
+
+    Args:
+        prompt_types: which of train, trigger, alter, style, agnostic (None: the first four).
+        seed: hashed with each image's (concept, type, index) into its seed.
+    """
+
+    def __init__(self, prompt_types: list[PromptType] | None = None, seed: int = 0) -> None:
+        super().__init__(prompt_types, list(world.ALTER_TEMPLATES), list(world.STYLE_TEMPLATES), seed=seed)
+        self.name = "toy-world"

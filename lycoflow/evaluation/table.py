@@ -46,6 +46,35 @@ def write_metrics(path: Path, rows: Sequence[dict[str, object]]) -> None:
         writer.writerows(rows)
 
 
+#: What `summary` shows, criterion by criterion: (column, metric, prompt type).
+SUMMARY_COLUMNS = (
+    ("fidelity", "image_similarity", "trigger"), ("controllability", "text_image_similarity", "alter"),
+    ("diversity", "vendi_score", "alter"), ("style loss", "style_loss", "style"),
+)
+
+
+def summary(path: Path, run: str) -> str:
+    """One line per evaluated epoch of ``run`` in the metrics table at ``path``: each `SUMMARY_COLUMNS` metric on
+    its prompt type, averaged over the subclasses of each class, then over the classes (as the analysis does)."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [r for r in csv.DictReader(f) if r["run"] == run]
+    epochs = sorted({int(r["epoch"]) for r in rows})
+    header = ["epoch", *(f"{name} ({metric}, {kind})" for name, metric, kind in SUMMARY_COLUMNS)]
+    lines = [header]
+    for epoch in epochs:
+        cells = [f"{epoch} (base)" if epoch == 0 else str(epoch)]
+        for _, metric, kind in SUMMARY_COLUMNS:
+            leaves: dict[tuple[str, str], list[float]] = {}
+            for r in rows:
+                if int(r["epoch"]) == epoch and r["metric"] == metric and r["prompt_type"] == kind:
+                    leaves.setdefault((r["category"], r["class"]), []).append(float(r["value"]))
+            means = [sum(v) / len(v) for v in leaves.values()]
+            cells.append(f"{sum(means) / len(means):.3f}" if means else "-")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in lines)
+
+
 def config_id(recipe: str | None) -> str:
     """A short digest of the resolved recipe without its seeds and run folder: one id per configuration."""
     if not recipe:
