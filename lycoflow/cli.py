@@ -50,7 +50,7 @@ examples:
   lycoflow evaluate --adapter runs/lokr/adapters/epoch=10.safetensors   # its recipe is inside the file
   lycoflow sweep recipes/sweeps/paper.yaml --list                       # the paper's 78 runs
   lycoflow analyze runs/paper --out reports/paper                       # then open reports/paper/report.html
-  lycoflow pretrain --out runs/pretrain                                 # retrain the toy world (~40 min, CPU)
+  lycoflow pretrain --out runs/pretrain                                 # retrain the toy world (~55 min, CPU)
   lycoflow COMMAND --help                                               # a command's options
 """
 

@@ -14,7 +14,7 @@ resumes at the stage it was in):
 
 Then every part goes into ``OUT/toy-world.safetensors`` in float16 (its SHA-256 is printed), and ``OUT/samples.png``
 shows what the bundled base draws for a few prompts. The shipped file is this command's output with its defaults;
-it took about 30 minutes on 2 CPU cores.
+it took about 55 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class Settings:
     seed: int = 0
     images: int = 12000
     vae_steps: int = 1500
-    base_steps: int = 3500
+    base_steps: int = 7000
     encoder_steps: int = 800
     batch_size: int = 32
     encoder_batch_size: int = 96

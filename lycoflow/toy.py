@@ -26,7 +26,7 @@ from .tiny import clip_tokenizer, sd_scheduler, tiny_text_encoder, tiny_unet, ti
 
 #: The weights that ship with lycoflow, and their SHA-256 (`lycoflow pretrain` prints a new file's).
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy-world.safetensors"
-WEIGHTS_SHA256 = "f775fff00a221f9989eabedf2d6150bf08efc7a34f1eef42528fd4ef09b1e8af"
+WEIGHTS_SHA256 = "1cd66e7c229a94511252691aba3ad68609c95775d72cbcf0780e01e5cd0722ff"
 #: Group-norm groups of the toy VAE (`lycoflow.tiny.tiny_vae` says why not TinySD's 8).
 VAE_GROUPS = 2
 #: The parts of the base model in the file, by key prefix.

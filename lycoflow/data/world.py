@@ -46,7 +46,7 @@ POSITIONS = ("centered", "on the left", "on the right", "at the top", "at the bo
 STYLES = ("flat", "outlined", "hatched", "pixelated", "watercolor")
 #: Every word a caption can hold, for the toy text encoders' vocabulary.
 VOCABULARY = sorted({w for phrase in (*SHAPES, *CREATURES, *PATTERNS, *COLOURS, *BACKGROUNDS, *SIZES, *POSITIONS,
-                                      *STYLES, "background", "a", "an", "on", "and", "with", "of")
+                                      *STYLES, "background", "pattern", "a", "an", "on")
                      for w in phrase.split()})
 
 #: Evaluation prompts in the world's words (`lycoflow.evaluation.ToyWorldProtocol`); ``{}`` is the concept.
