@@ -119,6 +119,13 @@ def test_config_id_ignores_seeds_run_folder_and_fits_own_options():
     assert config_id(a) == config_id(b) != config_id(c)
 
 
+def test_config_id_ignores_evaluating_the_base_but_not_other_evaluation_options():
+    recipe = ("trainer:\n  callbacks:\n    - class_path: callbacks.Evaluation\n      init_args:\n"
+              "        images: {}\n{}")
+    plain, base, base_off = (recipe.format(6, extra) for extra in ("", "        base: true\n", "        base: false\n"))
+    assert config_id(plain) == config_id(base) == config_id(base_off) != config_id(recipe.format(4, ""))
+
+
 def test_config_id_names_moved_modules_by_their_old_names():
     """Recipes naming where a class lives now and old runs' recipes naming where it lived are one configuration."""
     recipe = ("data:\n  class_path: {}\ntrainer:\n  callbacks:\n  - class_path: callbacks.Evaluation\n"

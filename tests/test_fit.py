@@ -263,7 +263,7 @@ def test_a_run_folder_that_is_a_file_is_named(tiny, tmp_path, capsys):
 def test_help_lists_the_commands(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
-    assert "fit " in out and "validate " in out and "recipes/tiny.yaml" in out
+    assert "fit " in out and "validate " in out and "recipes/quickstart.yaml" in out
 
 
 @pytest.mark.slow

@@ -107,6 +107,12 @@ def config_id(recipe: str | None) -> str:
     init = logger.get("init_args") if isinstance(logger, dict) else None
     if isinstance(init, dict):  # how long W&B may take to start trains nothing (and came after runs were recorded)
         init.pop("init_timeout", None)
+    for callback in trainer.get("callbacks") or [] if isinstance(trainer, dict) else []:
+        init = callback.get("init_args") if isinstance(callback, dict) else None
+        # Evaluating the base as epoch 0 trains nothing and changes no other epoch's numbers (and came after runs
+        # were recorded): runs with and without it are one configuration.
+        if isinstance(init, dict) and str(callback.get("class_path", "")).endswith(".Evaluation"):
+            init.pop("base", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
