@@ -259,3 +259,25 @@ def test_paper_references_are_letterboxed_into_the_encoders_square(synthetic_roo
     path = data.samples[0].path
     expected = encoder.embed_images((to_tensor(letterbox(load_rgb(path), 56)) + 1)[None] / 2)
     assert torch.allclose(references[data.concepts[data.samples[0].concept].key][0], expected[0], atol=1e-6)
+
+
+def test_the_summary_table_averages_subclasses_then_classes_per_epoch(tmp_path):
+    from lycoflow.evaluation.table import summary
+
+    rows = [  # (epoch, class, subclass, prompt type, metric, value)
+        (0, "star", "", "trigger", "image_similarity", 0.1), (0, "blob", "red", "trigger", "image_similarity", 0.2),
+        (0, "blob", "blue", "trigger", "image_similarity", 0.4), (0, "star", "", "trigger", "vendi_score", 2.0),
+        (0, "blob", "red", "trigger", "vendi_score", 4.0), (0, "star", "", "alter", "vendi_score", 1.0),
+        (5, "star", "", "trigger", "image_similarity", 0.5), (5, "blob", "red", "trigger", "image_similarity", 0.7),
+    ]
+    path = tmp_path / "metrics.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for epoch, klass, sub, kind, metric, value in rows:
+            writer.writerow(["r", "c", "toy-world", 0, epoch, epoch * 10, "x", klass, sub, kind, metric, value])
+        writer.writerow(["other", "c", "toy-world", 0, 5, 50, "x", "star", "", "trigger", "image_similarity", 9.0])
+    lines = [line.split() for line in summary(path, "r").splitlines()[1:]]
+    # blob's subclasses average to 0.3, then the classes to 0.2; diversity is Vendi on the trigger prompt; no style
+    # rows give "-"; the other run's row is not counted.
+    assert lines == [["0", "(base)", "0.200", "-", "3.000", "-"], ["5", "0.600", "-", "-", "-"]]
