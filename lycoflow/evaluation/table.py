@@ -109,7 +109,8 @@ def config_id(recipe: str | None) -> str:
     init = logger.get("init_args") if isinstance(logger, dict) else None
     if isinstance(init, dict):  # how long W&B may take to start trains nothing (and came after runs were recorded)
         init.pop("init_timeout", None)
-    for callback in trainer.get("callbacks") or [] if isinstance(trainer, dict) else []:
+    callbacks = (trainer.get("callbacks") or []) if isinstance(trainer, dict) else []
+    for callback in callbacks:
         init = callback.get("init_args") if isinstance(callback, dict) else None
         # Evaluating the base as epoch 0 trains nothing and changes no other epoch's numbers (and came after runs
         # were recorded): runs with and without it are one configuration.
