@@ -30,17 +30,19 @@ from .models import BaseModel, Components, Pretrained
 BOS, EOS = 49406, 49407
 
 
-def tiny_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionModel:
-    """A (32, 64)-channel UNet2DConditionModel with SD 1.x blocks (cross-attention, 1×1 conv proj_in)."""
+def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, block_out_channels: tuple[int, ...] = (32, 64),
+              attention: tuple[bool, ...] = (True, False), sample_size: int = 8) -> UNet2DConditionModel:
+    """A UNet2DConditionModel with SD 1.x blocks (cross-attention, 1×1 conv proj_in): by default (32, 64) channels,
+    cross-attention at the first level. ``attention`` says which levels have it (the up blocks mirror the down)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=sample_size,
         in_channels=4,
         out_channels=4,
-        block_out_channels=(32, 64),
+        block_out_channels=block_out_channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention),
+        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
         cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -65,8 +67,10 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 10
     return CLIPTextModel(config)
 
 
-def tiny_vae(seed: int = 0, norm_num_groups: int = 8) -> AutoencoderKL:
-    """A 4-level AutoencoderKL: 8× spatial reduction to 4 latent channels, as SD's VAE, with 8–32 channels.
+def tiny_vae(seed: int = 0, norm_num_groups: int = 8, block_out_channels: tuple[int, ...] = (8, 16, 32, 32)
+             ) -> AutoencoderKL:
+    """An AutoencoderKL to 4 latent channels, 2^(levels-1)× spatial reduction: by default 4 levels, 8× as SD's VAE,
+    with 8–32 channels.
 
     With 8 groups each of the 8 full-resolution channels is normalised alone (instance norm), which erases every
     image's mean colour before the decoder's output convolution: `lycoflow.toy`'s trained VAE uses 2 groups."""
@@ -74,9 +78,9 @@ def tiny_vae(seed: int = 0, norm_num_groups: int = 8) -> AutoencoderKL:
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(8, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=norm_num_groups,

@@ -41,7 +41,8 @@ class Sampler:
             if value < 1:
                 raise ValueError(f"Sampler: {name}={value} must be >= 1")
         if resolution % 8:
-            raise ValueError(f"Sampler: resolution={resolution} must be a multiple of 8 (the VAE's downsampling)")
+            raise ValueError(f"Sampler: resolution={resolution} must be a multiple of 8 (Stable Diffusion's VAE "
+                             "downsampling)")
         self.scheduler, self.steps, self.guidance_scale = scheduler, steps, guidance_scale
         self.resolution, self.negative_prompt, self.batch_size = resolution, negative_prompt, batch_size
 
@@ -64,7 +65,8 @@ def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], samp
     context = parts.encode_text(prompts).to(device)
     if guided:
         context = torch.cat([parts.encode_text([sampler.negative_prompt] * len(prompts)).to(device), context])
-    side = sampler.resolution // 8
+    # The VAE's downsampling: 8 for SD, 4 for the toy base (a multiple of 8, as Sampler checks, divides by either).
+    side = sampler.resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
     channels = parts.unet.config.in_channels
     # One generator per image, on the CPU: the same seed gives the same noise on any device and in any batch.
     noise = [torch.randn((channels, side, side), generator=torch.Generator().manual_seed(s)) for s in seeds]

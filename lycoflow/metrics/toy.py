@@ -2,7 +2,8 @@
 quickstart and the toy sweep measure with, offline, and what makes their numbers mean something.
 
 - `ToyImageEncoder` (DINOv2's role: fidelity, diversity): a small VGG-like network trained self-supervised on the
-  world's images (SimCLR: two random crops of an image must embed closer to each other than to the batch's others).
+  world's images (SimCLR: two random crops and colour distortions of an image must embed closer to each other
+  than to the batch's others).
 - `ToyCLIP` (CLIP's role: controllability): an image network and a word-level text transformer trained together
   contrastively on the world's image–caption pairs. Not the base model's text encoder, which would make the
   measurement circular. Words outside the world's vocabulary (trigger words, the quickstart concepts' names) are
