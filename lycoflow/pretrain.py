@@ -37,8 +37,8 @@ from tqdm.auto import tqdm
 from .cache import atomic_path
 from .data import world
 from .metrics import toy
-from .tiny import sd_scheduler
-from .toy import bundle_metadata, metadata, sha256, toy_architecture
+from .tiny import sd_scheduler, tiny_vae
+from .toy import VAE, bundle_metadata, metadata, sha256, toy_architecture
 
 #: What `samples.png` shows, one row per prompt.
 SAMPLE_PROMPTS = (
@@ -159,7 +159,7 @@ def _loop(steps: int, what: str, step: Callable[[int], Tensor]) -> None:
 
 def train_vae(pool: Tensor, s: Settings) -> tuple[nn.Module, float]:
     """The VAE and its latents' scaling factor (1 / their standard deviation, as SD's 0.18215 was measured)."""
-    vae = toy_architecture(s.seed).vae.train()
+    vae = tiny_vae(s.seed, **VAE).train()
     with torch.no_grad():  # start with a near-deterministic posterior (std e^-4): sampling noise as large as the
         vae.quant_conv.weight[4:].zero_()  # latents (a fresh log-variance of 0) drowns what the decoder could learn,
         vae.quant_conv.bias[4:].fill_(-8.0)  # and a 1e-6 KL term never pulls it down
@@ -262,9 +262,14 @@ def _encoder_loop(s: Settings, what: str, model: nn.Module, loss_of: Callable[[T
     return model.eval()
 
 
+def _normalised(x: Tensor) -> Tensor:
+    """Images in [0, 1] → the toy networks' input."""
+    return (x - 0.5) / 0.25
+
+
 def _unit(pool: Tensor, index: Tensor) -> Tensor:
-    """uint8 pool images → the toy networks' normalised input."""
-    return (pool[index].float() / 255 - 0.5) / 0.25
+    """uint8 pool images → the toy networks' input."""
+    return _normalised(pool[index].float() / 255)
 
 
 def train_style(pool: Tensor, scenes: Sequence[world.Scene], s: Settings) -> nn.Module:
@@ -315,7 +320,7 @@ def train_image(pool: Tensor, s: Settings) -> nn.Module:
         # SimCLR's colour distortion as well as its crops: without it the views of an image share their colours, and
         # the encoder learns colour histograms, not shapes (a slight tint of the background, as a VAE's, read as
         # another concept)
-        return (_views(recolour(x, generator, p=0.8, hue=0.1, scale=0.4), generator) - 0.5) / 0.25
+        return _normalised(_views(recolour(x, generator, p=0.8, hue=0.1, scale=0.4), generator))
 
     def loss_of(index: Tensor, generator: torch.Generator) -> Tensor:
         x = pool[index].float() / 255
@@ -335,7 +340,7 @@ def pretrain(out: str | Path, settings: Settings = Settings(), samples: bool = T
 
     stage = _Stage(out, "vae", settings)
     done = stage.done()
-    vae = toy_architecture(settings.seed).vae
+    vae = tiny_vae(settings.seed, **VAE)
     if done is None:
         vae, scaling = train_vae(pool, settings)
         stage.save(_prefixed("vae", vae), scaling=str(scaling))

@@ -18,6 +18,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -131,15 +132,18 @@ def clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
                          model_max_length=77)
 
 
-def tiny_components(seed: int = 0) -> Components:
-    """Every part of a tiny SD 1.x model, built from config under ``seed``; torch's global random state is left
-    as it was (a run that builds the model on first use must train exactly like one that reads it back)."""
+def tiny_components(seed: int = 0, unet: dict[str, Any] | None = None, vae: dict[str, Any] | None = None
+                    ) -> Components:
+    """Every part of a tiny SD 1.x model, built from config under ``seed`` (``unet``, ``vae``: arguments of
+    `tiny_unet`, `tiny_vae` other than the seed); torch's global random state is left as it was (a run that builds
+    the model on first use must train exactly like one that reads it back)."""
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = clip_tokenizer(tmp)
     with torch.random.fork_rng(devices=[]):
         return Components(
-            unet=tiny_unet(seed), vae=tiny_vae(seed), text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)),
-            tokenizer=tokenizer, scheduler=sd_scheduler(),
+            unet=tiny_unet(seed, **(unet or {})), vae=tiny_vae(seed, **(vae or {})),
+            text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)), tokenizer=tokenizer,
+            scheduler=sd_scheduler(),
         )
 
 

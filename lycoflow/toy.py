@@ -11,18 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
 from .cache import cache_dir
 from .models import BaseModel, BaseModelError, Components, Pretrained
-from .tiny import clip_tokenizer, sd_scheduler, tiny_text_encoder, tiny_unet, tiny_vae, write_diffusers_folder
+from .tiny import tiny_components, write_diffusers_folder
 
 #: The weights that ship with lycoflow, and their SHA-256 (`lycoflow pretrain` prints a new file's).
 WEIGHTS = Path(__file__).resolve().parent / "weights" / "toy-world.safetensors"
@@ -92,14 +90,8 @@ def read_weights(weights: str | os.PathLike | None = None) -> dict[str, Tensor]:
 
 
 def toy_architecture(seed: int = 0) -> Components:
-    """The toy base's parts, built from config under ``seed`` with random weights (what `lycoflow pretrain` trains);
-    torch's global random state is left as it was."""
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = clip_tokenizer(tmp)
-    with torch.random.fork_rng(devices=[]):
-        return Components(unet=tiny_unet(seed, **UNET), vae=tiny_vae(seed, **VAE),
-                          text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)), tokenizer=tokenizer,
-                          scheduler=sd_scheduler())
+    """The toy base's parts, built from config under ``seed`` with random weights (what `lycoflow pretrain` trains)."""
+    return tiny_components(seed, UNET, VAE)
 
 
 def toy_components(weights: str | os.PathLike | None = None) -> Components:
