@@ -16,10 +16,10 @@ expands to the configurations ``lora`` (the recipes as they are), ``lora-lr_0.00
 ``lora-dim_32+alpha_16``, each run once per seed into ``<root>/<config>-seed<S>``. A W&B run is named after its
 folder and grouped by its configuration (``WANDB_RUN_GROUP``), so dashboards can group the seeds.
 
-Runs execute one after another in subprocesses (a crash or out-of-memory in one does not end the sweep; a
-finished run is skipped and an interrupted one resumed from its last checkpoint when the sweep is started
-again), or are emitted for an external scheduler: one command per run, a SLURM array script, and a W&B sweep
-definition whose agent runs ``lycoflow sweep FILE --run=K``.
+Runs execute in subprocesses, one after another or ``--jobs`` side by side (a crash or out-of-memory in one does
+not end the sweep; a finished run is skipped and an interrupted one resumed from its last checkpoint when the
+sweep is started again), or are emitted for an external scheduler: one command per run, a SLURM array script,
+and a W&B sweep definition whose agent runs ``lycoflow sweep FILE --run=K``.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,26 +155,59 @@ def _cli_value(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def run_locally(runs: Sequence[SweepRun], extra: Sequence[str], total: int) -> int:
-    """Each run in a subprocess, one after another; returns the number that failed (``total``: the sweep's size,
-    for the progress lines)."""
-    failed = []
+def _start(run: SweepRun, extra: Sequence[str], total: int, threads: int | None) -> subprocess.Popen:
+    """``lycoflow fit`` of ``run`` (resumed if it has a checkpoint) in a subprocess; with ``threads``, its output goes
+    to ``<run folder>/sweep.log`` (runs side by side would interleave theirs) and torch uses that many threads."""
+    resume = ["--ckpt_path=last"] if (run.folder / "checkpoints" / "last.ckpt").is_file() else []
+    env, output, where = {**os.environ, **run.env()}, None, ""
+    if threads is not None:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        output = open(run.folder / "sweep.log", "ab")  # noqa: SIM115 - held by the child; _finish closes it
+        env.setdefault("OMP_NUM_THREADS", str(threads))  # a user's own setting wins
+        where = f" (log: {run.folder / 'sweep.log'})"
+    print(f"[{run.index + 1}/{total}] {run.config} seed {run.seed} → {run.folder}"
+          + (" (resuming)" if resume else "") + where, flush=True)
+    return subprocess.Popen([sys.executable, "-m", "lycoflow.cli", *run.argv(extra), *resume], env=env,
+                            stdout=output, stderr=subprocess.STDOUT if output else None)
+
+
+def _finish(run: SweepRun, process: subprocess.Popen, total: int) -> bool:
+    """Whether ``run`` succeeded; a success is marked done."""
+    code = process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
+    if code == 0:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        (run.folder / DONE).write_text("")
+        return True
+    print(f"[{run.index + 1}/{total}] {run.folder}: failed (exit {code}); the sweep goes on", file=sys.stderr,
+          flush=True)
+    return False
+
+
+def run_locally(runs: Sequence[SweepRun], extra: Sequence[str], total: int, jobs: int = 1) -> int:
+    """Each run in a subprocess, ``jobs`` at a time (each then with its share of the CPU cores as torch threads);
+    returns the number that failed (``total``: the sweep's size, for the progress lines)."""
+    threads = max(1, len(os.sched_getaffinity(0)) // jobs) if jobs > 1 else None
+    failed: list[SweepRun] = []
+    running: list[tuple[SweepRun, subprocess.Popen]] = []
+    pending = []
     for run in runs:
         if (run.folder / DONE).is_file():
             print(f"[{run.index + 1}/{total}] {run.folder}: done already, skipped")
-            continue
-        resume = ["--ckpt_path=last"] if (run.folder / "checkpoints" / "last.ckpt").is_file() else []
-        argv = run.argv(extra) + resume
-        print(f"[{run.index + 1}/{total}] {run.config} seed {run.seed} → {run.folder}"
-              + (" (resuming)" if resume else ""), flush=True)
-        result = subprocess.run([sys.executable, "-m", "lycoflow.cli", *argv], env={**os.environ, **run.env()})
-        if result.returncode == 0:
-            run.folder.mkdir(parents=True, exist_ok=True)
-            (run.folder / DONE).write_text("")
         else:
-            failed.append(run)
-            print(f"[{run.index + 1}/{total}] {run.folder}: failed (exit {result.returncode}); the sweep goes on",
-                  file=sys.stderr, flush=True)
+            pending.append(run)
+    while pending or running:
+        while pending and len(running) < jobs:
+            run = pending.pop(0)
+            running.append((run, _start(run, extra, total, threads)))
+        finished = [r for r in running if r[1].poll() is not None]  # whichever ends first frees its slot
+        if not finished:
+            time.sleep(0.2)
+        for run, process in finished:
+            running.remove((run, process))
+            if not _finish(run, process, total):
+                failed.append(run)
     print(f"sweep: {len(runs) - len(failed)} of {len(runs)} runs done" +
           (f"; failed: {', '.join(str(r.folder) for r in failed)} (start the sweep again to retry them)"
            if failed else ""))
@@ -209,6 +243,7 @@ def emit(runs: Sequence[SweepRun], sweep_file: Path, extra: Sequence[str], out: 
 
 USAGE_EPILOG = """examples:
   lycoflow sweep recipes/sweeps/paper.yaml --data.init_args.root=/data/concepts   # every run, one after another
+  lycoflow sweep recipes/sweeps/toy.yaml --jobs=2      # two runs side by side, a core each (on CPU: more runs/hour)
   lycoflow sweep recipes/sweeps/paper.yaml --list                                # the runs and their folders
   lycoflow sweep recipes/sweeps/paper.yaml --run=5 --data.init_args.root=...     # run 5 only (SLURM, W&B agents)
   lycoflow sweep recipes/sweeps/paper.yaml --emit sweep/ --data.init_args.root=...
@@ -226,6 +261,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--root", type=Path, help="folder of the runs (default: runs/<name>, or the file's root:)")
     parser.add_argument("--list", action="store_true", help="print the runs and exit")
     parser.add_argument("--run", type=int, help="run only this one (0-based index, as --list numbers them)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="runs side by side, each with its share of the CPU cores as torch threads and its "
+                             "output in <run folder>/sweep.log (default 1: one after another, output here)")
     parser.add_argument("--emit", type=Path, metavar="DIR",
                         help="write recipes/<run>.yaml, commands.sh, slurm.sh, wandb_sweep.yaml")
     options, extra = parser.parse_known_args(argv)
@@ -250,4 +288,6 @@ def main(argv: list[str]) -> int:
         if not 0 <= options.run < total:
             raise ValueError(f"--run={options.run}: the sweep has runs 0 to {total - 1} (see --list)")
         runs = [runs[options.run]]
-    return 1 if run_locally(runs, extra, total) else 0
+    if options.jobs < 1:
+        raise ValueError(f"--jobs={options.jobs}: give 1 or more runs at a time")
+    return 1 if run_locally(runs, extra, total, options.jobs) else 0

@@ -200,7 +200,8 @@ def test_validate_leaves_the_runs_config_alone(tiny, tmp_path):
 
 def test_the_paper_protocol_measures_style_prompts_by_style_loss_alone(fitted, tmp_path):
     """Its rows: train, trigger and alter with the four image/text/diversity metrics, style with the style loss
-    only; the protocol column says which; the style concepts (none here) aside, every leaf gets every type."""
+    only; the protocol column says which; every leaf gets every type but the style concept (styles/beaded), which
+    gets no style prompts."""
     _, data, model = fitted
     evaluator = Evaluator(**settings(protocol=PaperProtocol(), images=3))
     result = evaluator.evaluate(model.components, list(model.networks.values()), data, tmp_path, epoch=1, step=0,
@@ -211,7 +212,10 @@ def test_the_paper_protocol_measures_style_prompts_by_style_loss_alone(fitted, t
     assert by_type == {"train": set(BY_NAME) - {"style_loss"}, "trigger": set(BY_NAME) - {"style_loss"},
                        "alter": set(BY_NAME) - {"style_loss"}, "style": {"style_loss"}}
     assert {r["protocol"] for r in read_rows(tmp_path / "metrics.csv")} == {"paper"}
-    assert len(result.rows) == len(data.concepts) * (3 * 4 + 1)
+    styles = [c.key for c in data.concepts if c.category == "styles"]
+    assert styles == ["styles/beaded"]
+    assert len(result.rows) == len(data.concepts) * (3 * 4 + 1) - len(styles)
+    assert not [r for r in result.rows if r["category"] == "styles" and r["prompt_type"] == "style"]
 
 
 def test_vendi_is_pooled_or_per_prompt_as_the_protocol_says():

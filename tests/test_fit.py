@@ -283,8 +283,8 @@ def test_ddp_on_two_cpu_processes(tiny, tmp_path):
     # The quickstart's evaluation ran sharded over the two ranks and was gathered: every class, type and image.
     with open(run / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 7 * (4 * 4 + 1) and {r["epoch"] for r in rows} == {"1"}
-    assert len(list((run / "eval" / "epoch=1").rglob("*.png"))) == 7 * 4 * 4
+    assert len(rows) == 8 * (4 * 4 + 1) and {r["epoch"] for r in rows} == {"1"}  # 8 leaves, 4 types, 4 metrics
+    assert len(list((run / "eval" / "epoch=1").rglob("*.png"))) == 8 * 4 * 4
 
 
 def test_missing_evaluation_encoders_stop_the_run_before_training(tiny, tmp_path, capsys):

@@ -147,6 +147,23 @@ def test_a_sweep_runs_every_run_goes_on_after_a_failure_and_skips_finished_runs(
     assert "done already, skipped" in capsys.readouterr().out
 
 
+def test_jobs_run_side_by_side_with_their_output_in_each_run_folder(tiny, tmp_path, capsys):
+    sweep = tmp_path / "tiny.yaml"
+    sweep.write_text(yaml.safe_dump({"name": "tiny", "seeds": [0], "root": "runs", "configs": [{
+        "name": "lokr", "recipes": [str(REPO / "recipes" / "tiny.yaml")],
+        "vary": [{"model.adapter.init_args.factor": "not-a-number"}]}]}))
+    quick = [*tiny, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=0",
+             "--trainer.logger=false", "--trainer.callbacks=[]"]
+    assert main(["sweep", str(sweep), *quick, "--jobs=2"]) == 1
+    out, err = capsys.readouterr()
+    runs = tmp_path / "runs"
+    assert f"(log: {runs / 'lokr-seed0' / 'sweep.log'})" in out and "sweep: 1 of 2 runs done; failed:" in out
+    assert (runs / "lokr-seed0" / DONE).is_file() and "lokr-factor_not-a-number-seed0: failed (exit" in err
+    assert "max_epochs=1` reached" in (runs / "lokr-seed0" / "sweep.log").read_text()  # its output, not ours
+    assert "not-a-number" in (runs / "lokr-factor_not-a-number-seed0" / "sweep.log").read_text()
+    assert main(["sweep", str(sweep), "--jobs=0"]) == 2 and "--jobs=0" in capsys.readouterr().err
+
+
 def test_set_applies_to_every_variant_of_a_configuration_and_variants_win(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump({"seeds": [3], "configs": [{

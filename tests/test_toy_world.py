@@ -50,7 +50,7 @@ def test_the_world_is_a_function_of_its_seed_and_captions_name_what_is_drawn():
         if scene.style != "flat":
             assert text.endswith(scene.style)
         # Figures stand out from their backgrounds.
-        assert world._distinct(world.COLOURS[scene.colour], world.BACKGROUNDS[scene.background])
+        assert world.distinct(world.COLOURS[scene.colour], world.BACKGROUNDS[scene.background])
     # Nothing of the quickstart's concepts is in the world.
     assert not {"star", "ring", "checkerboard", "robot", "creature", "teal", "magenta", "diagonal"} & set(
         world.VOCABULARY)
@@ -267,7 +267,7 @@ def test_the_toy_world_overlay_turns_an_algorithm_recipe_into_a_toy_run(algorith
         "model"]["adapter"]["class_path"].split(".")[-1]
     evaluation = [c for c in cli.trainer.callbacks if type(c).__name__ == "Evaluation"]
     assert len(evaluation) == 1 and isinstance(evaluation[0].evaluator.protocol, ToyWorldProtocol)
-    assert evaluation[0].epochs == [10, 20] and cli.trainer.max_epochs == 20
+    assert evaluation[0].epochs == [6, 12] and evaluation[0].evaluator.images == 4 and cli.trainer.max_epochs == 12
 
 
 def test_the_toy_sweep_is_the_paper_grid_in_miniature():

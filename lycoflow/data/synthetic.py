@@ -1,10 +1,13 @@
 """The quickstart dataset: procedurally drawn concepts, generated on first use, identical bytes for a seed.
 
-Seven concepts in three categories, deliberately imbalanced (4 to 34 images, 81 in all) like the paper's
+Eight concepts in four categories, deliberately imbalanced (4 to 34 images, 93 in all) like the paper's
 data, one class split into subclasses. Each concept keeps its identity (shape, colours, pattern) while the
 nuisances vary: background colour, size, position, pose, image size and aspect ratio (96–192 px). Every
 image has a caption file whose tags describe both; the concept-tied ones are listed in ``dataset.yaml``'s
-``drop_tags``, so the captions the model sees describe only what varies, as in the paper.
+``drop_tags``, so the captions the model sees describe only what varies, as in the paper. The style concept
+(``styles/beaded``, the paper's style category in miniature) is the other way round: a rendering kept fixed —
+the picture made of round beads on a cream ground — over the toy world's figures, colours and placements, which
+its captions name in the world's words.
 """
 
 from __future__ import annotations
@@ -22,21 +25,21 @@ from typing import Any
 
 import yaml
 from PIL import Image, ImageDraw
+from rich.console import Console
 
 from ..cache import cache_dir
+from . import world
 from .datamodule import HierarchicalDataModule
 from .manifest import MANIFEST
+from .world import Colour
 
-GENERATOR_VERSION = 1  # bump when the drawings change, so cached copies are recognised as stale
+GENERATOR_VERSION = 2  # bump when the drawings change, so cached copies are recognised as stale
 MARKER = ".lycoflow-synthetic.json"
-SUPERSAMPLE = 2  # drawn at twice the size and reduced: PIL's polygons have no anti-aliasing
 SIZES = ((128, 128), (96, 144), (144, 96), (160, 120), (120, 160), (192, 128), (128, 192), (176, 176), (112, 96))
-BACKGROUNDS = {
-    "white": (246, 246, 246), "light grey": (200, 200, 204), "pale blue": (188, 212, 238),
-    "pale green": (198, 232, 198), "beige": (236, 224, 198), "pink": (244, 208, 220),
-}
-Colour = tuple[int, int, int]
+BACKGROUNDS = world.PALE_BACKGROUNDS
+SUPERSAMPLE = world.SUPERSAMPLE
 Drawer = Callable[[ImageDraw.ImageDraw, random.Random, int, int], list[str]]
+Renderer = Callable[[random.Random], tuple[Image.Image, list[str]]]
 
 MANIFEST_DATA: dict[str, Any] = {"classes": {
     "shapes/star": {
@@ -68,6 +71,14 @@ MANIFEST_DATA: dict[str, Any] = {"classes": {
         "trigger": "bleep", "class_word": "robot", "eval_text": "grey boxy",
         "drop_tags": ["robot", "grey", "antenna", "green eyes"],
     },
+    "styles/beaded": {
+        # As the paper's style concepts: the whole descriptor is deleted from the texts given to CLIP, which
+        # are then the content alone, and the alterations are new content in the style.
+        "trigger": "drell", "class_word": "style", "eval_descriptor": "", "drop_tags": ["beaded"],
+        "alter_prompts": ["{} of a green square on a beige background", "{} of a blue fish on the left",
+                          "{} of a large purple hexagon", "{} of a small orange cat at the top",
+                          "{} of a black triangle on a pink background", "{} of a yellow cross on a navy background"],
+    },
 }}
 
 
@@ -75,7 +86,17 @@ MANIFEST_DATA: dict[str, Any] = {"classes": {
 class ConceptSpec:
     folder: str
     count: int
-    draw: Drawer
+    render: Renderer
+
+
+def drawn(drawer: Drawer) -> Renderer:
+    """``drawer`` on a supersampled canvas of one of `SIZES`, reduced."""
+    def render(rng: random.Random) -> tuple[Image.Image, list[str]]:
+        w, h = rng.choice(SIZES)
+        canvas = Image.new("RGB", (w * SUPERSAMPLE, h * SUPERSAMPLE))
+        tags = drawer(ImageDraw.Draw(canvas), rng, w * SUPERSAMPLE, h * SUPERSAMPLE)
+        return canvas.resize((w, h), Image.Resampling.LANCZOS), tags
+    return render
 
 
 def _placement(rng: random.Random, w: int, h: int, low: float, high: float) -> tuple[float, float, float, list[str]]:
@@ -194,24 +215,53 @@ def draw_robot(draw: ImageDraw.ImageDraw, rng: random.Random, w: int, h: int) ->
     return ["robot", "grey", "antenna", "green eyes", "boxy head", *where, *tags]
 
 
+BEADS = 10  # beads across the picture: at 64² each is two latent cells of the toy VAE, which keeps them round
+CREAM = (238, 232, 220)
+
+
+def beaded(image: Image.Image) -> Image.Image:
+    """``image`` as `BEADS` × `BEADS` round beads, each of the mean colour under it, on a cream ground: a
+    rendering the toy world never uses (its pixelated style is square cells edge to edge, its polka dots a
+    pattern of one colour)."""
+    side = image.width
+    cells = image.resize((BEADS, BEADS), Image.Resampling.BOX).load()
+    canvas = Image.new("RGB", (side * SUPERSAMPLE,) * 2, CREAM)
+    draw, step = ImageDraw.Draw(canvas), side * SUPERSAMPLE / BEADS
+    for i in range(BEADS):
+        for j in range(BEADS):
+            cx, cy, r = (i + 0.5) * step, (j + 0.5) * step, 0.42 * step
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=cells[i, j])
+    return canvas.resize((side, side), Image.Resampling.LANCZOS)
+
+
+def render_beaded(rng: random.Random) -> tuple[Image.Image, list[str]]:
+    """A toy-world figure (a shape or a creature; patterns would hide the beads' layout) on a pale background,
+    beaded; tagged as the world's captions tag it."""
+    side = rng.choice((96, 128, 160))
+    pairs = [(c, b) for c in sorted(world.COLOURS) for b in sorted(BACKGROUNDS)
+             if world.distinct(world.COLOURS[c], BACKGROUNDS[b])]  # no white: it stands out on no pale background
+    colour, background = rng.choice(pairs)
+    scene = world.Scene(rng.choice(world.SHAPES + world.CREATURES), colour, rng.choice(world.SIZES),
+                        rng.choice(world.POSITIONS), background, "flat")
+    return beaded(world.render(scene, rng, side)), ["beaded", colour, scene.figure, scene.size, scene.position,
+                                                    f"{background} background"]
+
+
 CONCEPTS = (
-    ConceptSpec("shapes/star", 34, draw_star),
-    ConceptSpec("shapes/ring", 6, draw_ring),
-    ConceptSpec("patterns/checker", 14, draw_checker),
-    ConceptSpec("patterns/stripes", 4, draw_stripes),
-    ConceptSpec("creatures/blob/red", 10, draw_red_blob),
-    ConceptSpec("creatures/blob/blue", 5, draw_blue_blob),
-    ConceptSpec("creatures/robot", 8, draw_robot),
+    ConceptSpec("shapes/star", 34, drawn(draw_star)),
+    ConceptSpec("shapes/ring", 6, drawn(draw_ring)),
+    ConceptSpec("patterns/checker", 14, drawn(draw_checker)),
+    ConceptSpec("patterns/stripes", 4, drawn(draw_stripes)),
+    ConceptSpec("creatures/blob/red", 10, drawn(draw_red_blob)),
+    ConceptSpec("creatures/blob/blue", 5, drawn(draw_blue_blob)),
+    ConceptSpec("creatures/robot", 8, drawn(draw_robot)),
+    ConceptSpec("styles/beaded", 12, render_beaded),
 )
 
 
 def render(spec: ConceptSpec, index: int, seed: int) -> tuple[Image.Image, list[str]]:
     """One image and its tags; the stream of randomness is private to (seed, concept, index)."""
-    rng = random.Random(f"{seed}/{spec.folder}/{index}")  # str seeds hash with SHA-512: stable across runs
-    w, h = rng.choice(SIZES)
-    canvas = Image.new("RGB", (w * SUPERSAMPLE, h * SUPERSAMPLE))
-    tags = spec.draw(ImageDraw.Draw(canvas), rng, w * SUPERSAMPLE, h * SUPERSAMPLE)
-    return canvas.resize((w, h), Image.Resampling.LANCZOS), tags
+    return spec.render(random.Random(f"{seed}/{spec.folder}/{index}"))  # str seeds hash with SHA-512: stable
 
 
 def write_dataset(folder: Path, seed: int = 0) -> None:
@@ -243,33 +293,49 @@ def _read_marker(root: Path) -> dict[str, Any] | None:
 def ensure_dataset(root: Path, seed: int = 0) -> Path:
     """Generate the dataset into ``root`` unless it is already there; never leaves a half-written dataset.
 
-    It is written into a temporary folder beside ``root`` and renamed, which is atomic on one filesystem.
-    An existing ``root`` holding anything else is left alone and reported.
+    It is written into a temporary folder beside ``root`` and renamed, which is atomic on one filesystem. A copy
+    that an older generator wrote (its marker says so) is replaced, and said; an existing ``root`` holding
+    anything else is left alone and reported.
     """
-    if root.exists():
-        return _check_existing(root, seed)
+    stale = _stale_version(root, seed) if root.exists() else None
+    if root.exists() and stale is None:
+        return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         write_dataset(tmp, seed)
+        if stale is not None:
+            old = tmp.with_name(tmp.name + ".old")
+            os.rename(root, old)
+            os.rename(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+            Console(stderr=True).print(f"replaced the quickstart dataset of generator version {stale} at {root} by "
+                                       f"version {GENERATOR_VERSION}", soft_wrap=True, markup=False, highlight=False)
+            return root
         try:
             os.rename(tmp, root)
         except OSError:
             if not root.exists():  # not a lost race with another process: a real failure
                 raise
-            return _check_existing(root, seed)
+            return ensure_dataset(root, seed)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 
-def _check_existing(root: Path, seed: int) -> Path:
-    if _read_marker(root) != _marker(seed):
-        raise FileExistsError(f"{root} exists but is not the synthetic dataset of generator version "
-                              f"{GENERATOR_VERSION} with seed {seed} (see {root / MARKER}); delete it or choose "
-                              f"another root")
-    return root
+def _stale_version(root: Path, seed: int) -> int | None:
+    """None if ``root`` is this generator's dataset for ``seed``; the older generator version that wrote it, if
+    one did; otherwise it is not ours to touch: refused."""
+    marker = _read_marker(root)
+    if marker == _marker(seed):
+        return None
+    version = marker.get("generator") if marker else None
+    if isinstance(version, int) and version < GENERATOR_VERSION and marker.get("seed") == seed:
+        return version
+    raise FileExistsError(f"{root} exists but is not the synthetic dataset of generator version "
+                          f"{GENERATOR_VERSION} with seed {seed} (see {root / MARKER}); delete it or choose "
+                          f"another root")
 
 
 def default_root() -> Path:

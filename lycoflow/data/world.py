@@ -11,8 +11,8 @@ hatched"), with some attributes left unsaid, so the model learns each word on it
 (seed, index): the same world on every machine.
 
 What the world leaves out is what the quickstart data set (`lycoflow.data.synthetic`) is made of — stars, rings,
-checkerboards, diagonal stripes, round creatures with eyes, robots, teal and magenta — so fine-tuning on it teaches
-the base concepts it never saw.
+checkerboards, diagonal stripes, round creatures with eyes, robots, teal and magenta, and pictures made of beads —
+so fine-tuning on it teaches the base concepts it never saw.
 """
 
 from __future__ import annotations
@@ -26,11 +26,15 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torch import Tensor
 
-from .synthetic import BACKGROUNDS as PALE_BACKGROUNDS
-from .synthetic import SUPERSAMPLE, Colour
-
 WORLD_VERSION = 1  # bump when drawings or captions change: the shipped weights were trained on version 1
 SIZE = 64
+SUPERSAMPLE = 2  # drawn at twice the size and reduced: PIL's polygons have no anti-aliasing
+Colour = tuple[int, int, int]
+#: The quickstart data set's backgrounds (`lycoflow.data.synthetic`), a subset of the world's.
+PALE_BACKGROUNDS: dict[str, Colour] = {
+    "white": (246, 246, 246), "light grey": (200, 200, 204), "pale blue": (188, 212, 238),
+    "pale green": (198, 232, 198), "beige": (236, 224, 198), "pink": (244, 208, 220),
+}
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "hexagon")
 CREATURES = ("cat", "fish")
@@ -73,7 +77,7 @@ class Scene:
         return self.figure in PATTERNS
 
 
-def _distinct(a: Colour, b: Colour) -> bool:
+def distinct(a: Colour, b: Colour) -> bool:
     """Whether a figure of colour ``a`` stands out on a background of colour ``b`` (no white on white)."""
     return sum((x - y) ** 2 for x, y in zip(a, b)) > 90**2
 
@@ -82,7 +86,7 @@ def random_scene(rng: random.Random) -> Scene:
     kind = rng.random()
     figure = rng.choice(SHAPES if kind < 0.6 else CREATURES if kind < 0.8 else PATTERNS)
     colour = rng.choice(sorted(COLOURS))
-    background = rng.choice([b for b in sorted(BACKGROUNDS) if _distinct(COLOURS[colour], BACKGROUNDS[b])])
+    background = rng.choice([b for b in sorted(BACKGROUNDS) if distinct(COLOURS[colour], BACKGROUNDS[b])])
     return Scene(figure, colour, rng.choice(SIZES), rng.choice(POSITIONS), background, rng.choice(STYLES))
 
 

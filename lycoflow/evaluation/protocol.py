@@ -159,19 +159,20 @@ class GenericProtocol(Protocol):
         style_templates: style templates (None: `GENERIC_STYLE_TEMPLATES`).
         style_loss_prompt_types: prompt types also measured by the style loss against base-model images (None:
             style).
+        unstyled_categories: the categories of style concepts, which get no style prompts (None: none).
         seed: hashed with each image's (concept, type, index) into its seed.
     """
 
     def __init__(self, prompt_types: list[PromptType] | None = None, alter_templates: list[str] | None = None,
                  style_templates: list[str] | None = None, style_loss_prompt_types: list[PromptType] | None = None,
-                 seed: int = 0) -> None:
+                 unstyled_categories: list[str] | None = None, seed: int = 0) -> None:
         super().__init__(
             "generic", list(prompt_types or ["train", "trigger", "alter", "style"]), seed=seed, seeds="hashed",
             allocation="cycle",
             alter_templates=ALTER_TEMPLATES if alter_templates is None else alter_templates,
             category_alter_templates={},
             style_templates=GENERIC_STYLE_TEMPLATES if style_templates is None else style_templates,
-            unstyled_categories=[], references="crop", vendi_per_prompt=list(PROMPT_TYPES),
+            unstyled_categories=list(unstyled_categories or []), references="crop", vendi_per_prompt=list(PROMPT_TYPES),
             style_loss_prompt_types=list(style_loss_prompt_types or ["style"]),
         )
 
@@ -179,7 +180,8 @@ class GenericProtocol(Protocol):
 class ToyWorldProtocol(GenericProtocol):
     """`GenericProtocol` with prompts in the toy world's words (`lycoflow.data.world`), which the toy base draws
     and the toy encoders read: alterations of background, size and position, and the world's four rendering
-    styles. For the quickstart and the toy sweep; ``protocol`` column ``toy-world``.
+    styles, but for the style concepts (category ``styles``, the quickstart's beaded pictures). For the quickstart
+    and the toy sweep; ``protocol`` column ``toy-world``.
 
     Args:
         prompt_types: which of train, trigger, alter, style, agnostic (None: the first four).
@@ -187,5 +189,6 @@ class ToyWorldProtocol(GenericProtocol):
     """
 
     def __init__(self, prompt_types: list[PromptType] | None = None, seed: int = 0) -> None:
-        super().__init__(prompt_types, list(world.ALTER_TEMPLATES), list(world.STYLE_TEMPLATES), seed=seed)
+        super().__init__(prompt_types, list(world.ALTER_TEMPLATES), list(world.STYLE_TEMPLATES),
+                         unstyled_categories=["styles"], seed=seed)
         self.name = "toy-world"

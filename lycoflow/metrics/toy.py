@@ -73,7 +73,9 @@ def tokenize(texts: list[str]) -> Tensor:
     index = {token: i for i, token in enumerate(TOKENS)}
     ids = torch.zeros(len(texts), CONTEXT, dtype=torch.long)
     for row, text in enumerate(texts):
-        words = [index.get(w, 1) for w in re.findall(r"[a-z]+", text.lower())][:CONTEXT]
+        # An empty text (a style descriptor deleted, the paper's rule) is one unknown word, as CLIP still reads its
+        # start and end tokens: a row of padding alone would attend to nothing and embed as NaN.
+        words = [index.get(w, 1) for w in re.findall(r"[a-z]+", text.lower())][:CONTEXT] or [1]
         ids[row, : len(words)] = torch.tensor(words, dtype=torch.long)
     return ids
 
