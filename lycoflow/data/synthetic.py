@@ -306,6 +306,8 @@ def ensure_dataset(root: Path, seed: int = 0) -> Path:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         write_dataset(tmp, seed)
         if stale is not None:
+            if _read_marker(root) == _marker(seed):  # another process (a sweep's other job) replaced it meanwhile
+                return root
             old = tmp.with_name(tmp.name + ".old")
             os.rename(root, old)
             os.rename(tmp, root)
