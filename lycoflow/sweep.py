@@ -159,23 +159,22 @@ def _start(run: SweepRun, extra: Sequence[str], total: int, threads: int | None)
     """``lycoflow fit`` of ``run`` (resumed if it has a checkpoint) in a subprocess; with ``threads``, its output goes
     to ``<run folder>/sweep.log`` (runs side by side would interleave theirs) and torch uses that many threads."""
     resume = ["--ckpt_path=last"] if (run.folder / "checkpoints" / "last.ckpt").is_file() else []
-    env, output, where = {**os.environ, **run.env()}, None, ""
-    if threads is not None:
-        run.folder.mkdir(parents=True, exist_ok=True)
-        output = open(run.folder / "sweep.log", "ab")  # noqa: SIM115 - held by the child; _finish closes it
-        env.setdefault("OMP_NUM_THREADS", str(threads))  # a user's own setting wins
-        where = f" (log: {run.folder / 'sweep.log'})"
-    print(f"[{run.index + 1}/{total}] {run.config} seed {run.seed} → {run.folder}"
-          + (" (resuming)" if resume else "") + where, flush=True)
-    return subprocess.Popen([sys.executable, "-m", "lycoflow.cli", *run.argv(extra), *resume], env=env,
-                            stdout=output, stderr=subprocess.STDOUT if output else None)
+    argv = [sys.executable, "-m", "lycoflow.cli", *run.argv(extra), *resume]
+    env = {**os.environ, **run.env()}
+    progress = f"[{run.index + 1}/{total}] {run.config} seed {run.seed} → {run.folder}" + (
+        " (resuming)" if resume else "")
+    if threads is None:
+        print(progress, flush=True)
+        return subprocess.Popen(argv, env=env)
+    env.setdefault("OMP_NUM_THREADS", str(threads))  # a user's own setting wins
+    run.folder.mkdir(parents=True, exist_ok=True)
+    print(f"{progress} (log: {run.folder / 'sweep.log'})", flush=True)
+    with open(run.folder / "sweep.log", "ab") as log:  # appended to on a resume; the child keeps its own handle
+        return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _finish(run: SweepRun, process: subprocess.Popen, total: int) -> bool:
-    """Whether ``run`` succeeded; a success is marked done."""
-    code = process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
+def _finish(run: SweepRun, code: int, total: int) -> bool:
+    """Whether ``run`` succeeded (exit ``code``); a success is marked done."""
     if code == 0:
         run.folder.mkdir(parents=True, exist_ok=True)
         (run.folder / DONE).write_text("")
@@ -206,7 +205,7 @@ def run_locally(runs: Sequence[SweepRun], extra: Sequence[str], total: int, jobs
             time.sleep(0.2)
         for run, process in finished:
             running.remove((run, process))
-            if not _finish(run, process, total):
+            if not _finish(run, process.returncode, total):
                 failed.append(run)
     print(f"sweep: {len(runs) - len(failed)} of {len(runs)} runs done" +
           (f"; failed: {', '.join(str(r.folder) for r in failed)} (start the sweep again to retry them)"
