@@ -280,3 +280,35 @@ def test_the_toy_sweep_is_the_paper_grid_in_miniature():
     assert all(str((REPO / "recipes" / "toy-world.yaml").resolve()) == r.recipes[-1] for r in runs)
     lrs = {r.config: next(o for o in r.overrides if o.startswith("--model.lr=")) for r in runs}
     assert lrs["lokr"] == "--model.lr=0.005" and lrs["native"] == "--model.lr=1e-05"  # the paper's x 10
+
+
+def test_the_kept_toy_sweep_report_is_its_runs_analysis_and_the_readme_quotes_it(tmp_path, monkeypatch):
+    """benchmarks/toy-sweep/report is what `lycoflow analyze` makes of benchmarks/toy-sweep/runs (the CSVs byte for
+    byte), and the README's findings are its numbers."""
+    import sys
+
+    import numpy as np
+
+    from lycoflow.analysis import analyze
+
+    kept = REPO / "benchmarks" / "toy-sweep"
+    monkeypatch.setitem(sys.modules, "catboost", None)  # the SHAP charts are not compared: seconds saved
+    analyze([kept / "runs"], tmp_path, log=lambda _: None)
+    tables = sorted(p.name for p in (kept / "report").glob("*.csv"))
+    assert len(tables) == 6 and len(list((kept / "runs").iterdir())) == 57
+    for name in tables:
+        assert (tmp_path / name).read_bytes() == (kept / "report" / name).read_bytes(), name
+
+    def means(criterion: str) -> dict[str, float]:
+        with open(kept / "report" / f"ranking_{criterion}.csv", newline="") as f:
+            return {r["label"]: float(r["mean"]) for r in csv.DictReader(f)}
+
+    fidelity, controllability = means("fidelity"), means("controllability")
+    readme = (REPO / "README.md").read_text()
+    for label, figure in (("LoRA", fidelity), ("LoHa", fidelity), ("LoKr", fidelity), ("LoKr lr=0.001", fidelity),
+                          ("LoRA", controllability), ("LoHa", controllability), ("LoKr", controllability)):
+        assert f"{figure[label]:.3f}" in readme, label
+    labels = sorted(fidelity)
+    r = np.corrcoef([fidelity[k] for k in labels], [controllability[k] for k in labels])[0, 1]
+    assert f"correlate at {r:.2f}".replace("-", "−") in readme
+    assert sorted(fidelity, key=fidelity.get, reverse=True).index("LoKr") + 1 == 9  # "LoKr ranks 9th"
