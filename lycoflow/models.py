@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, UNet2DConditionModel
 from torch import Tensor, nn
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 #: Checkpoint suffixes that are Python pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -58,7 +58,9 @@ CHUNK = 75
 class Components:
     """The parts of a Stable Diffusion model: what training, sampling and the tools use. ``scheduler`` holds the
     noise schedule (and the prediction type) that samplers are built from; ``max_token_length`` how many caption
-    tokens `encode_text` reads (75: CLIP's context, as SD was trained; 150 or 225: kohya's longer captions)."""
+    tokens `encode_text` reads (75: CLIP's context, as SD was trained; 150 or 225: kohya's longer captions).
+    SDXL has a second text encoder (OpenCLIP ViT-bigG's, with its projection) and tokenizer: ``text_encoder_2``,
+    ``tokenizer_2``; SD 1.x/2.x have None there."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -66,8 +68,12 @@ class Components:
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
     max_token_length: MaxTokenLength = 75
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     def __post_init__(self) -> None:
+        if (self.text_encoder_2 is None) != (self.tokenizer_2 is None):
+            raise ValueError("an SDXL model needs both text_encoder_2 and tokenizer_2 (SD 1.x/2.x: neither)")
         if self.max_token_length not in (75, 150, 225):
             raise ValueError(f"max_token_length={self.max_token_length} must be 75, 150 or 225 (chunks of {CHUNK} "
                              "caption tokens, as kohya's max_token_length)")
@@ -117,8 +123,15 @@ class Components:
         return {UNET_PREFIX: self.unet, TEXT_ENCODER_PREFIX: self.text_encoder}
 
     @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+    @property
     def version(self) -> str:
-        """kohya's ``ss_base_model_version``: SD 2.x has 1024-wide cross-attention, SD 1.x 768 (tiny: SD 1.x)."""
+        """kohya's ``ss_base_model_version``: SDXL has two text encoders, SD 2.x 1024-wide cross-attention, SD 1.x
+        768 (tiny: SD 1.x)."""
+        if self.is_sdxl:
+            return "sdxl_base_v1-0"
         if self.unet.config.cross_attention_dim != 1024:
             return "sd_v1"
         return "sd_v2_768_v" if self.scheduler.config.get("prediction_type") == "v_prediction" else "sd_v2_512"
@@ -190,7 +203,20 @@ class Pretrained(BaseModel):
             ) from None
 
     def _from_folder(self, path: str) -> Components:
+        from diffusers import DiffusionPipeline
+
         hub = {"revision": self.revision, "cache_dir": self.cache_dir}
+        # The family is the model's own: SDXL folders list a second text encoder in model_index.json.
+        local = Path(path).expanduser()
+        if (local / "model_index.json").is_file() or not local.is_dir():
+            sdxl = "text_encoder_2" in DiffusionPipeline.load_config(path, **hub)
+        else:
+            sdxl = (local / "text_encoder_2").is_dir()
+        second = {
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                          variant=self.variant, **hub),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **hub),
+        } if sdxl else {}
         return Components(
             unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=self.variant, **hub),
             vae=AutoencoderKL.from_pretrained(path, subfolder="vae", variant=self.variant, **hub),
@@ -198,6 +224,7 @@ class Pretrained(BaseModel):
             tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **hub),
             # Training only needs the noise schedule; DDPM reads any SD scheduler config (PNDM, DDIM, Euler...).
             scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler", **hub),
+            **second,
         )
 
     def _from_single_file(self, path: Path) -> Components:

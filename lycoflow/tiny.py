@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .cache import cache_dir
 from .models import BaseModel, Components, Pretrained
@@ -50,11 +50,9 @@ def tiny_unet(seed: int = 0, cross_attention_dim: int = 32, block_out_channels: 
     )
 
 
-def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000) -> CLIPTextModel:
-    """A 2-layer CLIP text encoder (transformers' CLIPTextModel, as in SD 1.x)."""
-    torch.manual_seed(seed)
+def _text_config(hidden_size: int, vocab_size: int, **extra: Any) -> CLIPTextConfig:
     full_vocab = vocab_size > EOS  # the real tokenizer's special ids, else a toy vocabulary's 0/1
-    config = CLIPTextConfig(
+    return CLIPTextConfig(
         hidden_size=hidden_size,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -64,8 +62,51 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 10
         bos_token_id=BOS if full_vocab else 0,
         eos_token_id=EOS if full_vocab else 1,
         pad_token_id=EOS if full_vocab else 1,
+        **extra,
     )
-    return CLIPTextModel(config)
+
+
+def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000) -> CLIPTextModel:
+    """A 2-layer CLIP text encoder (transformers' CLIPTextModel, as in SD 1.x and as SDXL's first)."""
+    torch.manual_seed(seed)
+    return CLIPTextModel(_text_config(hidden_size, vocab_size))
+
+
+def tiny_text_encoder_2(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000) -> CLIPTextModelWithProjection:
+    """SDXL's second text encoder at toy scale: CLIPTextModelWithProjection (OpenCLIP ViT-bigG's layout in
+    transformers' names, GELU, a bias-free projection of the pooled state) with 2 layers."""
+    torch.manual_seed(seed + 1)  # not the first encoder's weights
+    return CLIPTextModelWithProjection(_text_config(hidden_size, vocab_size, hidden_act="gelu",
+                                                    projection_dim=hidden_size))
+
+
+#: The tiny SDXL's additional-embedding width per size/crop number (SDXL: 256) and its pooled text width.
+SDXL_TIME_DIM, SDXL_POOLED_DIM = 8, 32
+
+
+def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
+    """SDXL's UNet blocks at toy scale: three levels (32, 64, 64 channels), two resnets each, no attention at the
+    first, linear proj_in/proj_out, transformer blocks of 1 and 2 layers (SDXL: 2 and 10), cross-attention on both
+    text encoders' states side by side (32 + 32 wide), and the text-time additional embedding of the pooled text
+    with the six size and crop numbers (``add_embedding``, LDM's ``label_emb``)."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=(2, 4, 8),  # diffusers' name for SDXL's head counts (5, 10, 20)
+        use_linear_projection=True,
+        cross_attention_dim=64,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=SDXL_TIME_DIM,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_POOLED_DIM,
+        norm_num_groups=8,
+    )
 
 
 def tiny_vae(seed: int = 0, norm_num_groups: int = 8, block_out_channels: tuple[int, ...] = (8, 16, 32, 32)
@@ -110,11 +151,12 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
+def clip_tokenizer(folder: str | os.PathLike, pad_token: str = "<|endoftext|>") -> CLIPTokenizer:
     """OpenAI's CLIP BPE tokenizer (49,408 tokens), rebuilt from the vocabulary that open-clip-torch ships.
 
     Writes ``vocab.json`` and ``merges.txt`` into ``folder``. "a photo of a cat" → 49406, 320, 1125, 539, 320,
-    2368, 49407, as OpenAI's.
+    2368, 49407, as OpenAI's. ``pad_token``: SD 1.x and SDXL's first tokenizer pad with the end token, SD 2.x and
+    SDXL's second with "!" (id 0).
     """
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
@@ -128,7 +170,7 @@ def clip_tokenizer(folder: str | os.PathLike) -> CLIPTokenizer:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token="<|endoftext|>",
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), pad_token=pad_token,
                          model_max_length=77)
 
 
@@ -147,21 +189,47 @@ def tiny_components(seed: int = 0, unet: dict[str, Any] | None = None, vae: dict
         )
 
 
+def tiny_sdxl_components(seed: int = 0) -> Components:
+    """Every part of a tiny SDXL model, built from config under ``seed``: `tiny_sdxl_unet`, an SD-shaped VAE with
+    SDXL's latent scale (0.13025), the two text encoders with the real CLIP tokenizer twice (the second padding
+    with "!", as SDXL's), SD's noise schedule (SDXL's is the same); torch's global random state is left as it was."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer, tokenizer_2 = clip_tokenizer(Path(tmp) / "1"), clip_tokenizer(Path(tmp) / "2", pad_token="!")
+    with torch.random.fork_rng(devices=[]):
+        vae = tiny_vae(seed)
+        vae.register_to_config(scaling_factor=0.13025)
+        return Components(
+            unet=tiny_sdxl_unet(seed), vae=vae, text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)),
+            tokenizer=tokenizer, scheduler=sd_scheduler(),
+            text_encoder_2=tiny_text_encoder_2(seed, SDXL_POOLED_DIM, vocab_size=len(tokenizer_2)),
+            tokenizer_2=tokenizer_2,
+        )
+
+
 def write_diffusers_folder(folder: str | os.PathLike, parts: Components) -> Path:
     """Write a model's parts as a diffusers folder (model_index.json + one subfolder per part), atomically."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    names = ("unet", "vae", "text_encoder", "tokenizer", "scheduler") + (
+        ("text_encoder_2", "tokenizer_2") if parts.is_sdxl else ())
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    if parts.is_sdxl:  # StableDiffusionXLPipeline's components (it has no safety checker)
+        index = {k: v for k, v in index.items() if k not in ("safety_checker", "feature_extractor",
+                                                             "requires_safety_checker")}
+        index |= {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True,
+                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                  "tokenizer_2": ["transformers", "CLIPTokenizer"]}
     try:
-        for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        for name in names:
             getattr(parts, name).save_pretrained(tmp / name)
-        (tmp / "model_index.json").write_text(json.dumps({
-            "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.30.0",
-            "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None],
-            "feature_extractor": [None, None], "requires_safety_checker": False,
-        }, indent=2))
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process (a DDP rank) renamed its identical build first
@@ -175,6 +243,11 @@ def write_diffusers_folder(folder: str | os.PathLike, parts: Components) -> Path
 def save_tiny_sd(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny SD 1.x model with random weights as a diffusers folder, atomically."""
     return write_diffusers_folder(folder, tiny_components(seed))
+
+
+def save_tiny_sdxl(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny SDXL model with random weights as a diffusers folder, atomically."""
+    return write_diffusers_folder(folder, tiny_sdxl_components(seed))
 
 
 class TinySD(BaseModel):
@@ -201,3 +274,26 @@ class TinySD(BaseModel):
 
     def __repr__(self) -> str:
         return f"TinySD(folder={str(self.folder)!r}, seed={self.seed})"
+
+
+class TinySDXL(BaseModel):
+    """A tiny SDXL-architecture model with random weights (`tiny_sdxl_components`), built on first use: SDXL's
+    two text encoders and tokenizers, text-time additional embedding and multi-layer transformer blocks, so the
+    SDXL paths run offline. For tests; point a recipe at real weights with `lycoflow.models.Pretrained`.
+
+    Args:
+        folder: where the diffusers folder is written and read; default ``<cache>/models/tiny-sdxl-seed<seed>``.
+        seed: seed of the random weights.
+    """
+
+    def __init__(self, folder: str | None = None, seed: int = 0):
+        self.folder = Path(folder) if folder else cache_dir() / "models" / f"tiny-sdxl-seed{seed}"
+        self.seed = seed
+
+    def load(self) -> Components:
+        if not (self.folder / "model_index.json").is_file():
+            save_tiny_sdxl(self.folder, self.seed)
+        return Pretrained(str(self.folder)).load()
+
+    def __repr__(self) -> str:
+        return f"TinySDXL(folder={str(self.folder)!r}, seed={self.seed})"

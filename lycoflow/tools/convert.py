@@ -50,7 +50,9 @@ def _alias(names: dict[str, str], module: str, ldm: str, children: dict[str, str
 def _unet_names(unet: UNet2DConditionModel) -> dict[str, str]:
     """diffusers module path → LDM module path (relative to ``model.diffusion_model.``)."""
     names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+             # SDXL's text-time embedding (pooled text + size/crop numbers) is LDM's label_emb.
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     # LDM keeps the down path as one flat list: each resnet (with its attention, if the block has any)
     # is one input block, each downsampler another.
     index = 1
