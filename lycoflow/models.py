@@ -78,9 +78,9 @@ class Components:
             raise ValueError(f"max_token_length={self.max_token_length} must be 75, 150 or 225 (chunks of {CHUNK} "
                              "caption tokens, as kohya's max_token_length)")
 
-    def tokenize(self, texts: Sequence[str]) -> Tensor:
+    def tokenize(self, texts: Sequence[str], tokenizer: CLIPTokenizer | None = None) -> Tensor:
         """The token ids the text encoder reads, ``[b, chunks, context]`` (context: 77 for CLIP), as kohya's
-        sd-scripts builds them (``train_util.BaseDataset.get_input_ids``).
+        sd-scripts builds them (``train_util.BaseDataset.get_input_ids``); by ``tokenizer`` (None: the first).
 
         A caption is tokenized to at most ``max_token_length`` tokens between its begin (BOS) and end (EOS)
         tokens, padded; each chunk of 75 is then framed as a sequence of its own: BOS, the chunk, and the last id
@@ -89,11 +89,12 @@ class Components:
         tokenizer (padding = EOS) neither changes anything. With one chunk the ids are the plain tokenization
         to the context.
         """
+        tokenizer = tokenizer or self.tokenizer
         context = self.text_encoder.config.max_position_embeddings
         body, chunks = context - 2, self.max_token_length // CHUNK
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=chunks * body + 2, truncation=True,
-                             return_tensors="pt").input_ids
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        ids = tokenizer(list(texts), padding="max_length", max_length=chunks * body + 2, truncation=True,
+                        return_tensors="pt").input_ids
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         framed = []
         for k in range(chunks):
             chunk = torch.cat([ids[:, :1], ids[:, 1 + k * body:1 + (k + 1) * body], ids[:, -1:]], dim=1)
@@ -112,11 +113,43 @@ class Components:
         branch means to copy a state into empty chunks, but compares the ids with the EOS token's text, so it
         never does: SD 1.x and 2.x join alike.) With 75 this is the encoder's output on the plain tokenization.
         """
-        ids = self.tokenize(texts)
+        return self.encode_prompt(texts)[0]
+
+    def encode_prompt(self, texts: Sequence[str]) -> tuple[Tensor, Tensor | None]:
+        """What the UNet is conditioned on: `encode_text`'s hidden states, and for SDXL the pooled text.
+
+        SDXL's, as diffusers' ``StableDiffusionXLPipeline.encode_prompt`` and kohya's ``sdxl_train_util`` compute
+        them: both encoders' penultimate hidden states side by side, ``[b, tokens, d1 + d2]``, and the second's
+        projected pooled state ``[b, p]`` (of the first chunk, as kohya's, when a caption is longer than 75
+        tokens). SD 1.x/2.x: the final hidden states, and None.
+        """
+        if not self.is_sdxl:
+            return self._encode(self.text_encoder, self.tokenize(texts), penultimate=False)[0], None
+        first, _ = self._encode(self.text_encoder, self.tokenize(texts), penultimate=True)
+        second, pooled = self._encode(self.text_encoder_2, self.tokenize(texts, self.tokenizer_2), penultimate=True)
+        return torch.cat([first, second], dim=-1), pooled
+
+    @staticmethod
+    def _encode(encoder: nn.Module, ids: Tensor, penultimate: bool) -> tuple[Tensor, Tensor]:
+        """Each chunk of ``ids`` encoded as its own sequence, the states joined (`encode_text`), and the encoder's
+        first output (CLIPTextModelWithProjection: the projected pooled state) of each caption's first chunk."""
         b, chunks, context = ids.shape
-        states = self.text_encoder(ids.reshape(b * chunks, context).to(next(self.text_encoder.parameters()).device))[0]
-        states = states.reshape(b, chunks, context, -1)
-        return torch.cat([states[:, 0, :1], *states[:, :, 1:-1].unbind(1), states[:, -1, -1:]], dim=1)
+        out = encoder(ids.reshape(b * chunks, context).to(next(encoder.parameters()).device),
+                      output_hidden_states=penultimate)
+        states = (out.hidden_states[-2] if penultimate else out[0]).reshape(b, chunks, context, -1)
+        joined = torch.cat([states[:, 0, :1], *states[:, :, 1:-1].unbind(1), states[:, -1, -1:]], dim=1)
+        return joined, out[0].reshape(b, chunks, *out[0].shape[1:])[:, 0]
+
+    def unet_conditioning(self, states: Tensor, pooled: Tensor | None, sizes: Tensor | None) -> dict[str, object]:
+        """The UNet's keyword arguments for text ``states`` (and SDXL's ``pooled`` text and size numbers
+        ``[b, 6]``: original height, width, crop top, left, target height, width)."""
+        dtype = self.unet.dtype
+        kwargs: dict[str, object] = {"encoder_hidden_states": states.to(dtype)}
+        if self.is_sdxl:
+            if pooled is None or sizes is None:
+                raise ValueError("an SDXL UNet needs the pooled text and the six size numbers of every sample")
+            kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(dtype), "time_ids": sizes.to(states.device, dtype)}
+        return kwargs
 
     def adaptable(self) -> dict[str, nn.Module]:
         """The parts adapters attach to, by file-key prefix (what `lycoris.load_file` and `merge_into` take)."""

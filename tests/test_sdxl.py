@@ -76,3 +76,26 @@ def test_the_sdxl_unet_converts_to_ldm_names_that_diffusers_reads_back():
     state = unet.state_dict()
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
+
+
+def test_sampling_the_tiny_sdxl_gives_diffusers_own_sdxl_pipeline_images(sdxl_folder):
+    """Conditioning as SDXL's: both encoders' penultimate states side by side, the second's pooled projection, the
+    size numbers (64, 64, 0, 0, 64, 64); same noise, scheduler and guidance as `StableDiffusionXLPipeline`."""
+    from diffusers import DDIMScheduler
+
+    from lycoflow.evaluation.sampling import Sampler, sample
+
+    parts = Pretrained(str(sdxl_folder)).load()
+    prompts, seeds = ["a red circle on a white background", "a blue square"], [3, 4]
+    sampler = Sampler(scheduler=DDIMScheduler, steps=5, guidance_scale=4.0, resolution=64)
+    ours = sample(parts, prompts, seeds, sampler)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    latents = torch.stack([torch.randn((4, 8, 8), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    theirs = pipe(prompts, negative_prompt=["", ""], num_inference_steps=5, guidance_scale=4.0, height=64, width=64,
+                  latents=latents, output_type="pt").images
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-4)
+    states, pooled = parts.encode_prompt(prompts)
+    assert states.shape == (2, 77, 64) and pooled.shape == (2, 32)
+    with pytest.raises(ValueError, match="pooled text and the six size numbers"):
+        parts.unet_conditioning(states, pooled, None)

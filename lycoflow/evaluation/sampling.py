@@ -62,9 +62,16 @@ def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], samp
     scheduler = sampler.scheduler.from_config(parts.scheduler.config)
     scheduler.set_timesteps(sampler.steps, device=device)
     guided = sampler.guidance_scale != 1.0
-    context = parts.encode_text(prompts).to(device)
+    context, pooled = parts.encode_prompt(prompts)
     if guided:
-        context = torch.cat([parts.encode_text([sampler.negative_prompt] * len(prompts)).to(device), context])
+        negative, negative_pooled = parts.encode_prompt([sampler.negative_prompt] * len(prompts))
+        context = torch.cat([negative, context])
+        pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
+    # SDXL's size conditioning: the image as it is generated, uncropped (diffusers' default too).
+    rows = 2 * len(prompts) if guided else len(prompts)
+    r = sampler.resolution
+    sizes = torch.tensor([[r, r, 0, 0, r, r]] * rows) if parts.is_sdxl else None
+    condition = parts.unet_conditioning(context.to(device), None if pooled is None else pooled.to(device), sizes)
     # The VAE's downsampling: 8 for SD, 4 for the toy base (a multiple of 8, as Sampler checks, divides by either).
     side = sampler.resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
     channels = parts.unet.config.in_channels
@@ -77,7 +84,7 @@ def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], samp
     for t in scheduler.timesteps:
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
-        pred = parts.unet(model_input.to(dtype), t, encoder_hidden_states=context.to(dtype)).sample.float()
+        pred = parts.unet(model_input.to(dtype), t, **condition).sample.float()
         if guided:
             uncond, cond = pred.chunk(2)
             pred = uncond + sampler.guidance_scale * (cond - uncond)
