@@ -99,3 +99,74 @@ def test_sampling_the_tiny_sdxl_gives_diffusers_own_sdxl_pipeline_images(sdxl_fo
     assert states.shape == (2, 77, 64) and pooled.shape == (2, 32)
     with pytest.raises(ValueError, match="pooled text and the six size numbers"):
         parts.unet_conditioning(states, pooled, None)
+
+
+def _coordinate_images(root, sizes):
+    """Images whose red channel is each pixel's x and green its y: a crop's corner can be read off its pixels."""
+    import numpy as np
+    from PIL import Image
+
+    (root / "c" / "k").mkdir(parents=True)
+    for i, (w, h) in enumerate(sizes):
+        x, y = np.meshgrid(np.arange(w), np.arange(h))
+        Image.fromarray(np.stack([x, y, np.zeros_like(x)], -1).astype(np.uint8)).save(root / "c" / "k" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("bucketing", [False, True])
+def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, bucketing):
+    """Per sample and draw: the original (h, w) is the file's, the target the trained pixels', and the crop's
+    top-left, read back from the trained pixels of coordinate-coded images (mirrored or not), is the one given,
+    in the image resized to cover the target (rounded: within 1.5 px); cached latents (centre crops) get the
+    centre crop's numbers."""
+    from lycoflow.data import HierarchicalDataModule
+
+    sizes = [(200, 120), (120, 200), (160, 160), (250, 100)]
+    root = _coordinate_images(tmp_path / "data", sizes)
+    options = {"resolution": 64, "batch_size": 1, "caption_dropout": 0.0, "flip": True, "seed": 0,
+               "bucketing": bucketing, "min_bucket_resolution": 32, "max_bucket_resolution": 128, "bucket_step": 32}
+    dm = HierarchicalDataModule(str(root), center_crop=False, **options)
+    dm.setup("fit")
+    seen = set()
+    for index, sample in enumerate(dm.dataset.samples):
+        w, h = sample.size
+        for seed in range(8):
+            item = dm.dataset[(index, seed)]
+            numbers, pixels = item["add_time_ids"].tolist(), (item["pixel_values"] + 1) * 127.5
+            th, tw = pixels.shape[1:]
+            assert numbers[0:2] == [h, w] and numbers[4:] == [th, tw]
+            scale = max(tw / w, th / h)  # the image resized to cover the target
+            flipped = bool(pixels[0, 0, 0] > pixels[0, 0, -1])
+            top = float(pixels[1, 0, 0]) * scale
+            left = (w - float(pixels[0, 0, 0]) - 1) * scale if flipped else float(pixels[0, 0, 0]) * scale
+            assert abs(numbers[2] - top) <= 1.5 and abs(numbers[3] - left) <= 1.5, (sample.size, seed, numbers)
+            seen.add((flipped, numbers[2] + numbers[3] > 0))
+    assert seen == {(False, False), (False, True), (True, False), (True, True)}  # mirrored, cropped, both, neither
+
+    centred = HierarchicalDataModule(str(root), center_crop=True, **options)
+    centred.setup("fit")
+    cached = HierarchicalDataModule(str(root), center_crop=True, cache_latents=True, cache_dir=str(tmp_path / "cache"),
+                                    **options)
+    cached.setup("fit")
+    cached.cache_encodings(_EncodingModel())
+    for index in range(len(sizes)):
+        for seed in range(4):
+            a, b = centred.dataset[(index, seed)], cached.dataset[(index, seed)]
+            assert "latent_parameters" in b and torch.equal(a["add_time_ids"], b["add_time_ids"])
+
+
+class _EncodingModel:
+    """The least the latent cache needs of a model: a VAE posterior of the right shape (its values do not matter
+    here)."""
+
+    def latent_identity(self) -> str:
+        return "test"
+
+    def latent_parameters(self, pixels):
+        return torch.zeros(pixels.shape[0], 8, pixels.shape[2] // 8, pixels.shape[3] // 8)
+
+    def text_identity(self):
+        return None
+
+    def encode_text(self, captions):
+        raise AssertionError("no text cache asked for")

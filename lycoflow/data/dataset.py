@@ -14,7 +14,7 @@ from .balance import Bucket
 from .captions import build_caption
 from .encodings import EncodingCache
 from .folders import Sample
-from .images import cover_crop, load_rgb, to_tensor
+from .images import cover_crop, load_rgb, size_conditioning, to_tensor
 from .manifest import Concept
 
 
@@ -23,7 +23,8 @@ class HierarchicalDataset(Dataset):
     keys gives the collated batch (what :class:`~lycoflow.data.balance.BucketBatchSampler` asks for).
 
     ``buckets`` (one (w, h) per sample) replaces the square ``resolution`` crop. An item holds ``pixel_values``
-    or, with the latent cache, ``latent_parameters``; with the text cache also ``encoder_hidden_states``.
+    or, with the latent cache, ``latent_parameters``; with the text cache also ``encoder_hidden_states``; and
+    ``add_time_ids``, SDXL's size conditioning of the crop (`lycoflow.data.images.size_conditioning`).
     """
 
     def __init__(self, samples: Sequence[Sample], concepts: Sequence[Concept], resolution: int,
@@ -59,11 +60,13 @@ class HierarchicalDataset(Dataset):
         # Always draw the same four numbers first, so switching one option does not reshuffle the others.
         u_drop, u_flip, u_x, u_y = rng.random(4) if rng is not None else (1.0, 1.0, 0.5, 0.5)
         flip = bool(self.flip and u_flip < 0.5)
-        item: dict[str, Any] = {}
+        offset = (0.5, 0.5) if self.center_crop else (u_x, u_y)
+        # SDXL's size conditioning, from the sizes alone: the same with cached latents (which are centre crops).
+        item: dict[str, Any] = {"add_time_ids": size_conditioning(sample.size, self.size(index), offset, flip)}
         if self.latent_keys is not None:
             item["latent_parameters"] = self._cache().read("latent_parameters", self.latent_keys[index][flip])
         else:
-            item["pixel_values"] = self.pixels(index, (0.5, 0.5) if self.center_crop else (u_x, u_y), flip)
+            item["pixel_values"] = self.pixels(index, offset, flip)
         caption = "" if u_drop < self.caption_dropout else build_caption(
             concept.descriptor, sample.tags, self.keep_tokens, self.shuffle_tags, self.tag_dropout, rng)
         if self.text_keys is not None:

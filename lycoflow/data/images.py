@@ -47,16 +47,39 @@ def letterbox(img: Image.Image, size: int) -> Image.Image:
     return square if side == size else square.resize((size, size), Image.Resampling.BICUBIC)
 
 
-def cover_crop(img: Image.Image, size: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
-    """Resize to cover ``size`` (w, h) and crop it out; offset (0..1, 0..1) places the crop (0.5 = centre)."""
-    w, h = img.size
+def crop_box(image_size: tuple[int, int], size: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5)
+             ) -> tuple[float, float, float, float]:
+    """The (left, top, width, height) in an image of ``image_size`` (w, h) that `cover_crop` turns into ``size``."""
+    w, h = image_size
     if size[0] * h >= size[1] * w:  # the target is relatively wider: keep the full width
         box_w, box_h = float(w), w * size[1] / size[0]
     else:
         box_w, box_h = h * size[0] / size[1], float(h)
-    left, top = (w - box_w) * offset[0], (h - box_h) * offset[1]
+    return (w - box_w) * offset[0], (h - box_h) * offset[1], box_w, box_h
+
+
+def cover_crop(img: Image.Image, size: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5)) -> Image.Image:
+    """Resize to cover ``size`` (w, h) and crop it out; offset (0..1, 0..1) places the crop (0.5 = centre)."""
+    left, top, box_w, box_h = crop_box(img.size, size, offset)
     # Cropping in source coordinates inside resize avoids resampling pixels that are then thrown away.
     return img.resize(size, Image.Resampling.LANCZOS, box=(left, top, left + box_w, top + box_h), reducing_gap=3.0)
+
+
+def size_conditioning(image_size: tuple[int, int], size: tuple[int, int], offset: tuple[float, float] = (0.5, 0.5),
+                      flip: bool = False) -> torch.Tensor:
+    """SDXL's micro-conditioning of an image of ``image_size`` (w, h) trained at ``size`` (w, h) through
+    `cover_crop`: original height and width, crop top and left, target height and width (float32 ``[6]``).
+
+    As diffusers' ``train_text_to_image_sdxl.py`` computes it (the SDXL paper's c_size and c_crop): the file's
+    size, and the crop's corner in the image resized to cover the target, rounded; a mirrored image's in the
+    mirrored image (the resized width less the crop's right edge).
+    """
+    w, h = image_size
+    left, top, box_w, _ = crop_box(image_size, size, offset)
+    scale = size[0] / box_w
+    if flip:
+        left = w - left - box_w
+    return torch.tensor([h, w, round(top * scale), round(left * scale), size[1], size[0]], dtype=torch.float32)
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
