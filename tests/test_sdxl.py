@@ -1,14 +1,20 @@
 """The SDXL family's base model: the tiny SDXL built from config, loaded through the same code as real SDXL, and its
 UNet in the LDM (compvis) layout that single files and the UIs' adapter keys use."""
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from PIL import Image
 from transformers import CLIPTextModelWithProjection
 
+import lycoris
+from lycoflow.data import HierarchicalDataModule
+from lycoflow.evaluation.sampling import Sampler, sample
 from lycoflow.models import Pretrained
-from lycoflow.tiny import EOS, TinySDXL, save_tiny_sdxl, tiny_sdxl_components
+from lycoflow.module import DiffusionFinetune
+from lycoflow.tiny import EOS, TinySD, TinySDXL, save_tiny_sdxl, tiny_sdxl_components
 from lycoflow.tools.convert import UNET_PREFIX, unet_to_ldm
 
 
@@ -81,10 +87,6 @@ def test_the_sdxl_unet_converts_to_ldm_names_that_diffusers_reads_back():
 def test_sampling_the_tiny_sdxl_gives_diffusers_own_sdxl_pipeline_images(sdxl_folder):
     """Conditioning as SDXL's: both encoders' penultimate states side by side, the second's pooled projection, the
     size numbers (64, 64, 0, 0, 64, 64); same noise, scheduler and guidance as `StableDiffusionXLPipeline`."""
-    from diffusers import DDIMScheduler
-
-    from lycoflow.evaluation.sampling import Sampler, sample
-
     parts = Pretrained(str(sdxl_folder)).load()
     prompts, seeds = ["a red circle on a white background", "a blue square"], [3, 4]
     sampler = Sampler(scheduler=DDIMScheduler, steps=5, guidance_scale=4.0, resolution=64)
@@ -103,9 +105,6 @@ def test_sampling_the_tiny_sdxl_gives_diffusers_own_sdxl_pipeline_images(sdxl_fo
 
 def _coordinate_images(root, sizes):
     """Images whose red channel is each pixel's x and green its y: a crop's corner can be read off its pixels."""
-    import numpy as np
-    from PIL import Image
-
     (root / "c" / "k").mkdir(parents=True)
     for i, (w, h) in enumerate(sizes):
         x, y = np.meshgrid(np.arange(w), np.arange(h))
@@ -114,13 +113,11 @@ def _coordinate_images(root, sizes):
 
 
 @pytest.mark.parametrize("bucketing", [False, True])
-def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, bucketing):
+def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, tiny_sd_folder, bucketing):
     """Per sample and draw: the original (h, w) is the file's, the target the trained pixels', and the crop's
     top-left, read back from the trained pixels of coordinate-coded images (mirrored or not), is the one given,
     in the image resized to cover the target (rounded: within 1.5 px); cached latents (centre crops) get the
     centre crop's numbers."""
-    from lycoflow.data import HierarchicalDataModule
-
     sizes = [(200, 120), (120, 200), (160, 160), (250, 100)]
     root = _coordinate_images(tmp_path / "data", sizes)
     options = {"resolution": 64, "batch_size": 1, "caption_dropout": 0.0, "flip": True, "seed": 0,
@@ -128,8 +125,8 @@ def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, buck
     dm = HierarchicalDataModule(str(root), center_crop=False, **options)
     dm.setup("fit")
     seen = set()
-    for index, sample in enumerate(dm.dataset.samples):
-        w, h = sample.size
+    for index, image in enumerate(dm.dataset.samples):
+        w, h = image.size
         for seed in range(8):
             item = dm.dataset[(index, seed)]
             numbers, pixels = item["add_time_ids"].tolist(), (item["pixel_values"] + 1) * 127.5
@@ -139,7 +136,7 @@ def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, buck
             flipped = bool(pixels[0, 0, 0] > pixels[0, 0, -1])
             top = float(pixels[1, 0, 0]) * scale
             left = (w - float(pixels[0, 0, 0]) - 1) * scale if flipped else float(pixels[0, 0, 0]) * scale
-            assert abs(numbers[2] - top) <= 1.5 and abs(numbers[3] - left) <= 1.5, (sample.size, seed, numbers)
+            assert abs(numbers[2] - top) <= 1.5 and abs(numbers[3] - left) <= 1.5, (image.size, seed, numbers)
             seen.add((flipped, numbers[2] + numbers[3] > 0))
     assert seen == {(False, False), (False, True), (True, False), (True, True)}  # mirrored, cropped, both, neither
 
@@ -148,25 +145,10 @@ def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, buck
     cached = HierarchicalDataModule(str(root), center_crop=True, cache_latents=True, cache_dir=str(tmp_path / "cache"),
                                     **options)
     cached.setup("fit")
-    cached.cache_encodings(_EncodingModel())
+    cached.cache_encodings(DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4),
+                                             train_text_encoder=True))
     for index in range(len(sizes)):
         for seed in range(4):
             a, b = centred.dataset[(index, seed)], cached.dataset[(index, seed)]
             assert "latent_parameters" in b and torch.equal(a["add_time_ids"], b["add_time_ids"])
 
-
-class _EncodingModel:
-    """The least the latent cache needs of a model: a VAE posterior of the right shape (its values do not matter
-    here)."""
-
-    def latent_identity(self) -> str:
-        return "test"
-
-    def latent_parameters(self, pixels):
-        return torch.zeros(pixels.shape[0], 8, pixels.shape[2] // 8, pixels.shape[3] // 8)
-
-    def text_identity(self):
-        return None
-
-    def encode_text(self, captions):
-        raise AssertionError("no text cache asked for")
