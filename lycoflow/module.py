@@ -100,6 +100,10 @@ class DiffusionFinetune(L.LightningModule):
                 raise ValueError(f"model.{name}={rate} must be > 0 (the paper: 5e-4 for adapters, 1e-6 for native "
                                  "fine-tuning); to freeze the text encoder set model.train_text_encoder=false")
         parts = base.load()
+        if parts.is_sdxl:  # loading, sampling and the data's size conditioning are there; training and files not yet
+            raise ValueError(f"{base!r} is an SDXL model: lycoflow samples from SDXL but does not fine-tune it yet "
+                             "(no second-encoder adapters, size conditioning in the loss or SDXL file keys); use an "
+                             "SD 1.x/2.x base")
         self.base_source, self.adapter = base, adapter
         self.base_version = parts.version
         self.tokenizer = parts.tokenizer

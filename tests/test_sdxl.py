@@ -152,3 +152,8 @@ def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, tiny
             a, b = centred.dataset[(index, seed)], cached.dataset[(index, seed)]
             assert "latent_parameters" in b and torch.equal(a["add_time_ids"], b["add_time_ids"])
 
+
+
+def test_fitting_an_sdxl_base_is_refused_with_a_message_not_a_traceback(sdxl_folder):
+    with pytest.raises(ValueError, match="is an SDXL model: lycoflow samples from SDXL but does not fine-tune it yet"):
+        DiffusionFinetune(TinySDXL(folder=str(sdxl_folder)), lycoris.LoRA(dim=4))
