@@ -27,7 +27,7 @@ from .functional import (
     row_norm,
     weight_decompose,
 )
-from .targeting import PRESETS, Preset, lycoris_name, matches, norm_layers, supported_layers
+from .targeting import PRESETS, Preset, file_namer, matches, norm_layers, supported_layers
 
 
 class Adapter(nn.Module):
@@ -413,6 +413,7 @@ class Strategy:
     def apply(self, module: nn.Module, prefix: str = "lora_unet", multiplier: float = 1.0) -> Network:
         """Wrap the targeted layers of ``module`` in place; returns the network of their adapters."""
         adapters: dict[str, Adapter] = {}
+        name = file_namer(module, prefix)
         for _, path, layer in supported_layers(module):
             if not self.selects(path):
                 continue
@@ -424,16 +425,16 @@ class Strategy:
             alpha = strategy.conv_alpha if spatial and strategy.conv_alpha is not None else strategy.alpha
             alpha = dim if alpha is None else alpha
             try:
-                adapters[lycoris_name(prefix, path)] = strategy.make_adapter(layer, dim, alpha)
+                adapters[name(path)] = strategy.make_adapter(layer, dim, alpha)
             except ValueError as err:
-                raise ValueError(f"{lycoris_name(prefix, path)} ({path}): {err}") from None
+                raise ValueError(f"{name(path)} ({path}): {err}") from None
         if self.trains_norm:
             from .norm import NormAdapter  # norm.py builds on Adapter above: importing it at the top is a cycle
 
             for _, path, layer in norm_layers(module):
                 if self.selects(path):
                     strategy = self.for_layer(path)
-                    adapters[lycoris_name(prefix, path)] = NormAdapter(
+                    adapters[name(path)] = NormAdapter(
                         layer, dropout=strategy.dropout, rank_dropout=strategy.rank_dropout,
                         module_dropout=strategy.module_dropout)
         if not adapters:

@@ -39,7 +39,7 @@ class LayerPair(NamedTuple):
     """A layer of the base model and the same layer of the fine-tuned one."""
 
     raw: str  # its path in the model (its state-dict keys start with it)
-    path: str  # its canonical path: the file names it lycoris_name(prefix, path)
+    path: str  # its canonical path: the file names it by `lycoris.targeting.file_namer`
     base: nn.Module
     tuned: nn.Module
     spatial: bool  # a convolution with a kernel larger than 1

@@ -70,7 +70,7 @@ from .lokr import LoKrAdapter
 from .lora import LoRAAdapter
 from .norm import NormAdapter
 from .oft import OFTAdapter
-from .targeting import layers_by_name, lycoris_name
+from .targeting import file_namer, layers_by_name
 
 #: Adapter classes `load_file` recognises, tried in order. Pass your own tuple to add an algorithm.
 ALGORITHMS: tuple[type[Adapter], ...] = (
@@ -215,6 +215,7 @@ def _read(
         name, _, suffix = key.partition(".")
         groups.setdefault(name, {})[suffix] = value
     tables = {prefix: layers_by_name(module, prefix) for prefix, module in modules.items()}
+    namers = {prefix: file_namer(module, prefix) for prefix, module in modules.items()}
     algorithms = adapter_classes(algorithms)
     placed: dict[str, dict[str, Adapter]] = {prefix: {} for prefix in modules}
     unplaced: list[str] = []
@@ -233,7 +234,7 @@ def _read(
             raise ValueError(f"{path}: {name} does not fit the model's {canonical} ({_describe(layer)}): {err}") \
                 from None
         _load_checked(adapter, group, f"{path}: {name}", f"{canonical} ({_describe(layer)})")
-        placed[prefix][lycoris_name(prefix, canonical)] = adapter
+        placed[prefix][namers[prefix](canonical)] = adapter  # named as apply names it, whatever the file's spelling
     if unplaced:
         msg = (
             f"{path}: {len(unplaced)} layer(s) in the file match no layer of {sorted(modules)}: "

@@ -8,13 +8,14 @@ layers inside the blocks it adapts; those get a `lycoris.NormAdapter` only where
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from fnmatch import fnmatchcase
 from itertools import chain
 from typing import Literal
 
 from torch import nn
 
+from .compvis import ldm_path, unet_ldm_names
 from .functional import is_norm, is_supported
 
 Preset = Literal["attn-only", "attn-mlp", "full"]
@@ -81,10 +82,38 @@ def lycoris_name(prefix: str, canonical_path: str) -> str:
     return f"{prefix}_{canonical_path.replace('.', '_')}"
 
 
+def is_sdxl_unet(module: nn.Module) -> bool:
+    """SDXL's UNet (and its derivatives'): the one with the text-time additional embedding."""
+    return getattr(getattr(module, "config", None), "addition_embed_type", None) == "text_time"
+
+
+def file_namer(module: nn.Module, prefix: str) -> Callable[[str], str]:
+    """The adapter-file name of each of ``module``'s layers, by its canonical path: ``<prefix>_<path with _>``.
+
+    An SDXL UNet's layers are named by their LDM (compvis) paths, ``lora_unet_input_blocks_4_1_transformer_blocks_
+    0_attn1_to_q``: what kohya's sd-scripts (and the LyCORIS library through it) writes for SDXL, and the one
+    spelling ComfyUI, A1111 and Forge all map (A1111 misses some diffusers-named SDXL layers: the first up
+    level's upsampler, ``add_embedding``). Everything else keeps its canonical path, as SD 1.x/2.x files always did.
+    """
+    if not is_sdxl_unet(module):
+        return lambda path: lycoris_name(prefix, path)
+    names = unet_ldm_names(module)
+
+    def name(path: str) -> str:
+        ldm = ldm_path(names, path)
+        if ldm is None:
+            raise ValueError(f"{path}: an SDXL UNet layer with no LDM name (an unknown block?)")
+        return lycoris_name(prefix, ldm)
+    return name
+
+
 def layers_by_name(module: nn.Module, prefix: str) -> dict[str, tuple[str, nn.Module]]:
-    """File name → (canonical path, layer), under both the canonical and the raw path spelling."""
+    """File name → (canonical path, layer), under the name `file_namer` writes, the canonical and the raw path
+    spelling (an SDXL file in diffusers names loads too)."""
+    namer = file_namer(module, prefix)
     table: dict[str, tuple[str, nn.Module]] = {}
     for raw, canon, layer in chain(supported_layers(module), norm_layers(module)):
-        table[lycoris_name(prefix, canon)] = (canon, layer)
+        table[namer(canon)] = (canon, layer)
+        table.setdefault(lycoris_name(prefix, canon), (canon, layer))
         table.setdefault(lycoris_name(prefix, raw), (canon, layer))
     return table

@@ -16,6 +16,7 @@ from lycoflow.models import Pretrained
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import EOS, TinySD, TinySDXL, save_tiny_sdxl, tiny_sdxl_components
 from lycoflow.tools.convert import UNET_PREFIX, unet_to_ldm
+from lycoris.targeting import lycoris_name
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +158,58 @@ def test_each_samples_size_conditioning_is_its_true_size_and_crop(tmp_path, tiny
 def test_fitting_an_sdxl_base_is_refused_with_a_message_not_a_traceback(sdxl_folder):
     with pytest.raises(ValueError, match="is an SDXL model: lycoflow samples from SDXL but does not fine-tune it yet"):
         DiffusionFinetune(TinySDXL(folder=str(sdxl_folder)), lycoris.LoRA(dim=4))
+
+
+def _ldm_truth(unet) -> dict[str, str]:
+    """diffusers layer path → its LDM path, read off diffusers' own LDM → diffusers conversion (which tensor went
+    where), not from lycoflow's map."""
+    ldm = unet_to_ldm(unet)
+    back = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
+    source = {id(tensor): key for key, tensor in ldm.items()}
+    return {key.removesuffix(".weight"): source[id(back[key])][len(UNET_PREFIX):].removesuffix(".weight")
+            for key in back if key.endswith(".weight")}
+
+
+def test_sdxl_unet_adapters_are_named_by_their_ldm_paths_and_load_in_either_spelling(tmp_path):
+    """Every adapted layer of the tiny SDXL UNet (preset full, norms too) is written as ``lora_unet_<LDM path>``,
+    the spelling kohya's sd-scripts writes for SDXL; a file in diffusers names loads to the same weights."""
+    from safetensors.torch import load_file, save_file
+
+    unet = tiny_sdxl_components(seed=0).unet
+    truth = _ldm_truth(unet)
+    torch.manual_seed(0)
+    net = lycoris.LoRA(dim=4, preset="full", train_norm=True).apply(unet, prefix="lora_unet")
+    paths = {lycoris_name("lora_unet", diffusers): ldm for diffusers, ldm in truth.items()}
+    names = dict(net.named_children())
+    assert len(names) > 100
+    assert "lora_unet_output_blocks_2_2_conv" in names and "lora_unet_time_embed_0" in names
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in names
+    by_ldm = {lycoris_name("lora_unet", ldm) for ldm in paths.values()}
+    assert set(names) <= by_ldm, sorted(set(names) - by_ldm)[:5]
+    for adapter in names.values():  # something to compare: the up factors start at zero
+        for p in adapter.parameters():
+            torch.nn.init.normal_(p)
+    file = lycoris.save_file(tmp_path / "xl.safetensors", {"lora_unet": net})
+    written = load_file(file)
+    assert all(k.split(".")[0] in by_ldm for k in written)
+    net.remove()
+
+    ldm_to_diffusers = {lycoris_name("lora_unet", ldm): lycoris_name("lora_unet", d) for d, ldm in truth.items()}
+    save_file({f"{ldm_to_diffusers[k.split('.')[0]]}.{k.split('.', 1)[1]}": v for k, v in written.items()},
+              tmp_path / "diffusers-names.safetensors")
+    for spelling in ("xl.safetensors", "diffusers-names.safetensors"):
+        fresh = tiny_sdxl_components(seed=0).unet
+        loaded = lycoris.load_file(tmp_path / spelling, {"lora_unet": fresh})["lora_unet"]
+        assert set(dict(loaded.named_children())) == set(names), spelling
+        again = lycoris.save_file(tmp_path / f"again-{spelling}", {"lora_unet": loaded})
+        got = load_file(again)
+        assert got.keys() == written.keys() and all(torch.equal(got[k], written[k]) for k in written), spelling
+        loaded.remove()
+
+
+def test_sd1_adapter_names_stay_diffusers_paths():
+    from lycoflow.tiny import tiny_unet
+
+    net = lycoris.LoRA(dim=4, preset="full").apply(tiny_unet(seed=0), prefix="lora_unet")
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in dict(net.named_children())
+    assert not any("input_blocks" in name for name, _ in net.named_children())

@@ -27,62 +27,19 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import CLIPTextModel
 
+from lycoris.compvis import alias, ldm_path, unet_ldm_names
+
 from ..cache import atomic_path
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 
-#: diffusers ResnetBlock2D parameter → LDM ResBlock (UNet) and ResnetBlock (VAE) names.
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+#: diffusers ResnetBlock2D parameter → LDM ResnetBlock (VAE) names.
 _VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2", "conv_shortcut": "nin_shortcut"}
 #: diffusers Attention (VAE mid block) → LDM AttnBlock, whose projections are 1×1 convs.
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 _CLIP_TOP = ("embeddings", "encoder", "final_layer_norm")
-
-
-def _alias(names: dict[str, str], module: str, ldm: str, children: dict[str, str]) -> None:
-    for child, ldm_child in children.items():
-        names[f"{module}.{child}"] = f"{ldm}.{ldm_child}"
-
-
-def _unet_names(unet: UNet2DConditionModel) -> dict[str, str]:
-    """diffusers module path → LDM module path (relative to ``model.diffusion_model.``)."""
-    names = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
-             # SDXL's text-time embedding (pooled text + size/crop numbers) is LDM's label_emb.
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
-    # LDM keeps the down path as one flat list: each resnet (with its attention, if the block has any)
-    # is one input block, each downsampler another.
-    index = 1
-    for b, block in enumerate(unet.down_blocks):
-        attentions = getattr(block, "attentions", None) or ()
-        for j in range(len(block.resnets)):
-            _alias(names, f"down_blocks.{b}.resnets.{j}", f"input_blocks.{index}.0", _UNET_RESNET)
-            if j < len(attentions):
-                names[f"down_blocks.{b}.attentions.{j}"] = f"input_blocks.{index}.1"
-            index += 1
-        if block.downsamplers:
-            names[f"down_blocks.{b}.downsamplers.0.conv"] = f"input_blocks.{index}.0.op"
-            index += 1
-    # The middle block alternates resnet, attention, resnet.
-    for j in range(len(unet.mid_block.resnets)):
-        _alias(names, f"mid_block.resnets.{j}", f"middle_block.{2 * j}", _UNET_RESNET)
-    for j in range(len(unet.mid_block.attentions)):
-        names[f"mid_block.attentions.{j}"] = f"middle_block.{2 * j + 1}"
-    # Up path: one output block per resnet; the upsampler joins the block's last one, after its attention.
-    index = 0
-    for b, block in enumerate(unet.up_blocks):
-        attentions = getattr(block, "attentions", None) or ()
-        for j in range(len(block.resnets)):
-            _alias(names, f"up_blocks.{b}.resnets.{j}", f"output_blocks.{index}.0", _UNET_RESNET)
-            if j < len(attentions):
-                names[f"up_blocks.{b}.attentions.{j}"] = f"output_blocks.{index}.1"
-            index += 1
-        if block.upsamplers:
-            names[f"up_blocks.{b}.upsamplers.0.conv"] = f"output_blocks.{index - 1}.{2 if attentions else 1}.conv"
-    return names
 
 
 def _vae_names(vae: AutoencoderKL) -> dict[str, str]:
@@ -92,7 +49,7 @@ def _vae_names(vae: AutoencoderKL) -> dict[str, str]:
     names |= {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
     for i, block in enumerate(vae.encoder.down_blocks):
         for j in range(len(block.resnets)):
-            _alias(names, f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", _VAE_RESNET)
+            alias(names, f"encoder.down_blocks.{i}.resnets.{j}", f"encoder.down.{i}.block.{j}", _VAE_RESNET)
         if block.downsamplers:
             names[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = f"encoder.down.{i}.downsample.conv"
     # LDM numbers the decoder's levels by resolution, so its up.0 is the last level applied: reversed order.
@@ -100,15 +57,15 @@ def _vae_names(vae: AutoencoderKL) -> dict[str, str]:
     for i, block in enumerate(vae.decoder.up_blocks):
         level = levels - 1 - i
         for j in range(len(block.resnets)):
-            _alias(names, f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", _VAE_RESNET)
+            alias(names, f"decoder.up_blocks.{i}.resnets.{j}", f"decoder.up.{level}.block.{j}", _VAE_RESNET)
         if block.upsamplers:
             names[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = f"decoder.up.{level}.upsample.conv"
     for side in ("encoder", "decoder"):
         mid = getattr(vae, side).mid_block
         for j in range(len(mid.resnets)):
-            _alias(names, f"{side}.mid_block.resnets.{j}", f"{side}.mid.block_{j + 1}", _VAE_RESNET)
+            alias(names, f"{side}.mid_block.resnets.{j}", f"{side}.mid.block_{j + 1}", _VAE_RESNET)
         for j in range(len(mid.attentions)):
-            _alias(names, f"{side}.mid_block.attentions.{j}", f"{side}.mid.attn_{j + 1}", _VAE_ATTENTION)
+            alias(names, f"{side}.mid_block.attentions.{j}", f"{side}.mid.attn_{j + 1}", _VAE_ATTENTION)
     return names
 
 
@@ -116,20 +73,16 @@ def _rename(state: dict[str, Tensor], names: dict[str, str], prefix: str, part: 
     """Move every parameter to its LDM name by its longest mapped module path; refuse any left without one."""
     out = {}
     for key, tensor in state.items():
-        parts = key.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            module = ".".join(parts[:cut])
-            if module in names:
-                out[f"{prefix}{names[module]}.{'.'.join(parts[cut:])}"] = tensor
-                break
-        else:
+        name = ldm_path(names, key.rsplit(".", 1)[0])  # the parameter's own name is never a mapped module
+        if name is None:
             raise ValueError(f"{part} parameter {key!r} has no place in an SD 1.x single-file checkpoint")
+        out[f"{prefix}{name}.{key.rsplit('.', 1)[1]}"] = tensor
     return out
 
 
 def unet_to_ldm(unet: UNet2DConditionModel) -> dict[str, Tensor]:
     """The UNet's parameters under ``model.diffusion_model.`` LDM names."""
-    return _rename(unet.state_dict(), _unet_names(unet), UNET_PREFIX, "UNet")
+    return _rename(unet.state_dict(), unet_ldm_names(unet), UNET_PREFIX, "UNet")
 
 
 def vae_to_ldm(vae: AutoencoderKL) -> dict[str, Tensor]:

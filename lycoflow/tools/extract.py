@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 import lycoris
-from lycoris.targeting import Preset, lycoris_name
+from lycoris.targeting import Preset, file_namer
 
 from .. import __version__
 from ..models import DTYPES, DType
@@ -127,6 +127,7 @@ def extract(
         todo += [(prefix, pair) for pair in pairs]
 
     adapters: dict[str, dict[str, lycoris.Adapter]] = {prefix: {} for prefix in tuned_models}
+    namers = {prefix: file_namer(model, prefix) for prefix, model in base_parts.adaptable().items()}
     spatial_names: set[str] = set()
     residual = total = 0.0
     skipped = 0
@@ -138,7 +139,7 @@ def extract(
         if layer.adapter is None:
             skipped += 1
             continue
-        name = lycoris_name(prefix, pair.path)
+        name = namers[prefix](pair.path)
         adapters[prefix][name] = layer.adapter
         if pair.spatial:
             spatial_names.add(name)
