@@ -35,8 +35,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DType = Literal["float32", "bfloat16", "float16"]
 
 #: File-key prefixes of the two adapted parts (kohya's and the UIs' names): adapter files, networks and the
-#: optimizer's groups are keyed by them.
+#: optimizer's groups are keyed by them. SDXL's two text encoders are kohya's ``lora_te1`` (CLIP-L) and
+#: ``lora_te2`` (CLIP-G), the names ComfyUI, A1111 and Forge map to them.
 UNET_PREFIX, TEXT_ENCODER_PREFIX = "lora_unet", "lora_te"
+SDXL_TEXT_ENCODER_PREFIXES = ("lora_te1", "lora_te2")
 
 
 def cast_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -153,7 +155,14 @@ class Components:
 
     def adaptable(self) -> dict[str, nn.Module]:
         """The parts adapters attach to, by file-key prefix (what `lycoris.load_file` and `merge_into` take)."""
+        if self.is_sdxl:
+            first, second = SDXL_TEXT_ENCODER_PREFIXES
+            return {UNET_PREFIX: self.unet, first: self.text_encoder, second: self.text_encoder_2}
         return {UNET_PREFIX: self.unet, TEXT_ENCODER_PREFIX: self.text_encoder}
+
+    def modules(self) -> list[nn.Module]:
+        """The networks (UNet, VAE, text encoders): what is moved to a device or cast."""
+        return [self.unet, self.vae, self.text_encoder, *([self.text_encoder_2] if self.is_sdxl else [])]
 
     @property
     def is_sdxl(self) -> bool:

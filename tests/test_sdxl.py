@@ -7,15 +7,18 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModelWithProjection
 
 import lycoris
-from lycoflow.data import HierarchicalDataModule
+from lycoflow.data import HierarchicalDataModule, load_rgb, to_tensor
 from lycoflow.evaluation.sampling import Sampler, sample
 from lycoflow.models import Pretrained
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import EOS, TinySD, TinySDXL, save_tiny_sdxl, tiny_sdxl_components
 from lycoflow.tools.convert import UNET_PREFIX, unet_to_ldm
+from lycoflow.tools.generate import generate
+from lycoflow.tools.merge import merge
 from lycoris.targeting import lycoris_name
 
 
@@ -173,8 +176,6 @@ def _ldm_truth(unet) -> dict[str, str]:
 def test_sdxl_unet_adapters_are_named_by_their_ldm_paths_and_load_in_either_spelling(tmp_path):
     """Every adapted layer of the tiny SDXL UNet (preset full, norms too) is written as ``lora_unet_<LDM path>``,
     the spelling kohya's sd-scripts writes for SDXL; a file in diffusers names loads to the same weights."""
-    from safetensors.torch import load_file, save_file
-
     unet = tiny_sdxl_components(seed=0).unet
     truth = _ldm_truth(unet)
     torch.manual_seed(0)
@@ -213,3 +214,36 @@ def test_sd1_adapter_names_stay_diffusers_paths():
     net = lycoris.LoRA(dim=4, preset="full").apply(tiny_unet(seed=0), prefix="lora_unet")
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q" in dict(net.named_children())
     assert not any("input_blocks" in name for name, _ in net.named_children())
+
+
+def test_an_sdxl_adapter_file_generates_and_merges(sdxl_folder, tmp_path):
+    """A LoRA on the tiny SDXL's UNet and both text encoders, saved under kohya's SDXL names (``lora_unet_`` LDM
+    paths, ``lora_te1_``, ``lora_te2_``): `lycoflow generate` draws with it what the attached model draws, and
+    `lycoflow merge` bakes it into an SDXL diffusers folder that draws the same."""
+    parts = Pretrained(str(sdxl_folder)).load()
+    torch.manual_seed(0)
+    networks = {prefix: lycoris.LoRA(dim=4).apply(model, prefix=prefix) for prefix, model in parts.adaptable().items()}
+    for net in networks.values():
+        for p in net.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+    file = lycoris.save_file(tmp_path / "xl.safetensors", networks)
+    prefixes = {"_".join(key.split("_")[:2]) for key in load_file(file)}
+    assert prefixes == {"lora_unet", "lora_te1", "lora_te2"}
+    sampler = Sampler(scheduler=DDIMScheduler, steps=3, guidance_scale=4.0, resolution=64)
+    prompts = ["a red circle", "a blue square"]
+    attached = sample(parts, prompts, [0, 1], sampler)
+    for net in networks.values():
+        net.remove()
+    plain = sample(parts, prompts, [0, 1], sampler)
+    assert (attached - plain).abs().max() > 0.05  # the adapter changes the images
+
+    rows = generate(str(sdxl_folder), prompts, tmp_path / "gen", adapters=[(file, 1.0)], sampler=sampler,
+                    device="cpu", progress=False)
+    drawn = torch.stack([(to_tensor(load_rgb(tmp_path / "gen" / r["file"])) + 1) / 2 for r in rows])
+    torch.testing.assert_close(drawn, attached, atol=1 / 255 + 1e-4, rtol=0)  # 8-bit PNGs
+
+    out, changed = merge(str(sdxl_folder), adapters=[(file, 1.0)], out_diffusers=tmp_path / "merged", dtype="float32")
+    assert set(changed) == {"lora_unet", "lora_te1", "lora_te2"} and all(changed.values())
+    merged = Pretrained(str(out)).load()
+    assert merged.is_sdxl
+    torch.testing.assert_close(sample(merged, prompts, [0, 1], sampler), attached, atol=1e-4, rtol=0)

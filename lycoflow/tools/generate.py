@@ -140,7 +140,7 @@ def generate(
     parts = replace(load_base(base, config), max_token_length=max_token_length)
     target = torch.device(device or default_device())
     # On the device before the adapters are made: they are created on their layer's device.
-    for model in (parts.unet, parts.vae, parts.text_encoder):
+    for model in parts.modules():
         model.to(target).eval()
     if len(files) > 1:
         lycoris.merge_into(parts.adaptable(), files[1:], algorithms=readers)

@@ -9,11 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import diffusers
-from diffusers import DDPMScheduler, DiffusionPipeline, SchedulerMixin, StableDiffusionPipeline
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 
 import lycoris
 
-from ..models import DTYPES, TEXT_ENCODER_PREFIX, UNET_PREFIX, Components, DType, cast_frozen
+from ..models import DTYPES, UNET_PREFIX, Components, DType, cast_frozen
 from .convert import save_single_file
 from .options import (
     Adapters,
@@ -63,9 +69,14 @@ def _pipeline_scheduler(base: str, scheduler: SchedulerMixin) -> SchedulerMixin:
 
 def _save_diffusers(parts: Components, scheduler: SchedulerMixin, out: Path) -> None:
     """Save as a diffusers folder written beside the target and renamed into place."""
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    if parts.is_sdxl:
+        pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                         text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                                         unet=parts.unet, scheduler=scheduler)
+    else:
+        pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                       unet=parts.unet, scheduler=scheduler, safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -108,7 +119,8 @@ def merge(
         overwrite: replace an existing ``out_file`` (otherwise it is an error, before anything is loaded).
 
     Returns:
-        The path written, and the number of layers changed per file prefix (``lora_unet``, ``lora_te``).
+        The path written, and the number of layers changed per file prefix (``lora_unet``, ``lora_te``; SDXL:
+        ``lora_te1``, ``lora_te2``).
     """
     _check_outputs(out_diffusers, out_file, overwrite)
     if dtype not in DTYPES:
@@ -122,7 +134,7 @@ def merge(
     changed = lycoris.merge_into(parts.adaptable(), files, algorithms=readers)
     if out_file is not None:
         return save_single_file(out_file, parts.unet, parts.vae, parts.text_encoder, dtype=DTYPES[dtype]), changed
-    for model in (parts.unet, parts.vae, parts.text_encoder):
+    for model in parts.modules():
         cast_frozen(model, DTYPES[dtype])
     out = Path(out_diffusers)
     _save_diffusers(parts, _pipeline_scheduler(base, parts.scheduler), out)
@@ -146,6 +158,7 @@ def main(argv: list[str]) -> int:
         return 0
     given = vars(parser.parse_args(argv))
     path, changed = merge(**given)
+    text = sum(n for prefix, n in changed.items() if prefix != UNET_PREFIX)  # one text encoder, or SDXL's two
     print(f"lycoflow merge: baked {len(given.get('adapters', []))} file(s) ({changed.get(UNET_PREFIX, 0)} UNet and "
-          f"{changed.get(TEXT_ENCODER_PREFIX, 0)} text-encoder adapter layers); wrote {path}")
+          f"{text} text-encoder adapter layers); wrote {path}")
     return 0
