@@ -259,41 +259,32 @@ class TinySD(BaseModel):
 
     Args:
         folder: where the diffusers folder is written and read; default ``<cache>/models/tiny-sd1-seed<seed>``
-            (cache: ``$LYCOFLOW_CACHE`` or ``~/.cache/lycoflow``).
+            (``tiny-sdxl-seed<seed>`` for `TinySDXL`; cache: ``$LYCOFLOW_CACHE`` or ``~/.cache/lycoflow``).
         seed: seed of the random weights.
     """
 
+    #: The default folder's name stem, and what writes the model there.
+    stem = "tiny-sd1"
+    write = staticmethod(save_tiny_sd)
+
     def __init__(self, folder: str | None = None, seed: int = 0):
-        self.folder = Path(folder) if folder else cache_dir() / "models" / f"tiny-sd1-seed{seed}"
+        self.folder = Path(folder) if folder else cache_dir() / "models" / f"{self.stem}-seed{seed}"
         self.seed = seed
 
     def load(self) -> Components:
         if not (self.folder / "model_index.json").is_file():
-            save_tiny_sd(self.folder, self.seed)
+            self.write(self.folder, self.seed)
         return Pretrained(str(self.folder)).load()
 
     def __repr__(self) -> str:
-        return f"TinySD(folder={str(self.folder)!r}, seed={self.seed})"
+        return f"{type(self).__name__}(folder={str(self.folder)!r}, seed={self.seed})"
 
 
-class TinySDXL(BaseModel):
+class TinySDXL(TinySD):
     """A tiny SDXL-architecture model with random weights (`tiny_sdxl_components`), built on first use: SDXL's
     two text encoders and tokenizers, text-time additional embedding and multi-layer transformer blocks, so the
     SDXL paths run offline. For tests; point a recipe at real weights with `lycoflow.models.Pretrained`.
+    Arguments as `TinySD`'s."""
 
-    Args:
-        folder: where the diffusers folder is written and read; default ``<cache>/models/tiny-sdxl-seed<seed>``.
-        seed: seed of the random weights.
-    """
-
-    def __init__(self, folder: str | None = None, seed: int = 0):
-        self.folder = Path(folder) if folder else cache_dir() / "models" / f"tiny-sdxl-seed{seed}"
-        self.seed = seed
-
-    def load(self) -> Components:
-        if not (self.folder / "model_index.json").is_file():
-            save_tiny_sdxl(self.folder, self.seed)
-        return Pretrained(str(self.folder)).load()
-
-    def __repr__(self) -> str:
-        return f"TinySDXL(folder={str(self.folder)!r}, seed={self.seed})"
+    stem = "tiny-sdxl"
+    write = staticmethod(save_tiny_sdxl)
