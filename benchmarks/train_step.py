@@ -26,12 +26,18 @@ is the median over rounds of its time over the floor's in the same round.
   ``max_memory_allocated``; CPU: the profiler's allocator events), measured once per case after the rounds.
   On 2 CPU cores a step takes seconds, so the rounds are few (``--rounds``, more while they fit in
   ``--budget``): read its ratios to ±0.05 or so.
+- ``sdxl``: the same cases on ``UNet2DConditionModel`` with SDXL base 1.0's configuration (2.6 G parameters,
+  random init under seed 0: 320/640/1280 channels, transformer depths 0/2/10, linear projections, text-time
+  embedding), batch 1, 77×2048 context, pooled text and size numbers. The slice is the latent size: 32×32
+  (a 256² image) instead of SDXL's 128×128, which needs 16× the activations and would take minutes a step on
+  2 cores; the ratios of the deep, wide levels (where SDXL's adapters sit) carry over, the first level's
+  convolutions weigh less than at 1024².
 
 A ratio of 1.30x means a training step costs 30% more than the forward and backward the frozen model needs
 anyway; absolute times depend on the machine, the ratios much less. On CPU other work on the machine skews
 them (see the load in the header; ``--threads 1`` is steadier).
 
-    python benchmarks/train_step.py [--quick] [--parts quickstart sd15] [--rounds N] [--budget S]
+    python benchmarks/train_step.py [--quick] [--parts quickstart sd15 sdxl] [--rounds N] [--budget S]
                                     [--fit-steps N] [--threads N] [--device cpu|cuda] [--bf16] [--json PATH]
 """
 
@@ -197,9 +203,35 @@ def build_sd15_unet(device: str) -> bench.Block:
                        "attn-mlp")
 
 
-def measure_sd15(settings: bench.Settings) -> dict[str, Any]:
+def build_sdxl_unet(device: str) -> bench.Block:
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
+        sample_size=128, block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816).to(device)
+    unet.set_attn_processor(AttnProcessor2_0())
+    context = torch.randn(1, 77, 2048, device=device)
+    extra = {"text_embeds": torch.randn(1, 1280, device=device),
+             "time_ids": torch.tensor([[256.0, 256.0, 0.0, 0.0, 256.0, 256.0]], device=device)}
+    t = torch.tensor([500], device=device)
+    x = torch.randn(1, 4, 32, 32, device=device)
+    return bench.Block(unet, lambda h: unet(h, t, encoder_hidden_states=context, added_cond_kwargs=extra,
+                                            return_dict=False)[0], x, "attn-mlp")
+
+
+#: The UNet-shaped parts: how each builds its model.
+UNETS = {"sd15": build_sd15_unet, "sdxl": build_sdxl_unet}
+
+
+def measure_unet(part: str, settings: bench.Settings) -> dict[str, Any]:
     device = settings.device
-    block = build_sd15_unet(device)
+    block = UNETS[part](device)
     block.root.requires_grad_(False).train()
     nets = {name: bench.make_network(block, name) for name in SD15_ALGORITHMS}  # left detached
     inp = block.x.clone().requires_grad_()
@@ -227,9 +259,10 @@ def measure_sd15(settings: bench.Settings) -> dict[str, Any]:
             "step_s": times, "peak_bytes": memory}
 
 
-def print_sd15(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
+def print_unet(part: str, raw: dict[str, Any]) -> dict[str, dict[str, float]]:
     times, memory = raw["step_s"], raw["peak_bytes"]
-    print(f"sd15: SD 1.5-shaped UNet ({raw['unet_params'] / 1e6:.0f} M parameters, random init), batch 1, 32×32 "
+    shape = {"sd15": "SD 1.5", "sdxl": "SDXL"}[part]
+    print(f"{part}: {shape}-shaped UNet ({raw['unet_params'] / 1e6:.0f} M parameters, random init), batch 1, 32×32 "
           f"latents, preset attn-mlp, rounds: {len(times[FLOOR])}; floor peak {memory[FLOOR] / 2**20:.0f} MiB")
     print(f"{'case':<14}{'params':>11}{'s/step':>9}{'step/floor':>13}{'memory/floor':>14}")
     ratios = {}
@@ -243,12 +276,12 @@ def print_sd15(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["quickstart", "sd15"], default=["quickstart", "sd15"])
-    parser.add_argument("--rounds", type=int, default=2, help="sd15: at least this many timed rounds")
+    parser.add_argument("--parts", nargs="+", choices=["quickstart", *UNETS], default=["quickstart", "sd15"])
+    parser.add_argument("--rounds", type=int, default=2, help="sd15, sdxl: at least this many timed rounds")
     parser.add_argument("--budget", type=float, default=8.0,
                         help="seconds of timed rounds per part: more rounds while they fit (quickstart: at least 5)")
     parser.add_argument("--fit-steps", type=int, default=20, help="lycoflow fit steps timed (after 3 untimed)")
-    parser.add_argument("--quick", action="store_true", help="1 s budget, 3 quickstart rounds, 1 sd15 round, "
+    parser.add_argument("--quick", action="store_true", help="1 s budget, 3 quickstart rounds, 1 UNet round, "
                         "5 fit steps: a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the steps (fit: bf16-mixed)")
@@ -257,7 +290,8 @@ def main() -> None:
     args = parser.parse_args()
     budget = 1.0 if args.quick else args.budget
     settings = {"quickstart": bench.Settings(args.device, args.bf16, 3 if args.quick else 5, budget),
-                "sd15": bench.Settings(args.device, args.bf16, 1 if args.quick else args.rounds, budget)}
+                **{part: bench.Settings(args.device, args.bf16, 1 if args.quick else args.rounds, budget)
+                   for part in UNETS}}
     fit_steps = 5 if args.quick else args.fit_steps
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -272,8 +306,8 @@ def main() -> None:
             raw = measure_quickstart(settings[part], fit_steps)
             results[part] = {"raw": raw, "ratios": print_quickstart(raw)}
         else:
-            raw = measure_sd15(settings[part])
-            results[part] = {"raw": raw, "ratios": print_sd15(raw)}
+            raw = measure_unet(part, settings[part])
+            results[part] = {"raw": raw, "ratios": print_unet(part, raw)}
         print(f"({part}: {time.perf_counter() - start:.0f} s; load now {os.getloadavg()[0]:.1f})\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:

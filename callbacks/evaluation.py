@@ -39,7 +39,8 @@ class Evaluation(L.Callback):
             the protocol says: the same images are asked for at every epoch and in every run.
         protocol: what is generated and measured how (None: `lycoflow.evaluation.PaperProtocol`, the paper's;
             `lycoflow.evaluation.GenericProtocol` for data sets that are not the paper's).
-        sampler: scheduler, steps, guidance, resolution, batch size (default: DDIM, 25 steps, CFG 7, 512²).
+        sampler: scheduler, steps, guidance, resolution, batch size (default: DDIM, 25 steps, CFG 7, the base's
+            own size: 512² for SD 1.5, 1024² for SDXL).
         image_encoder: fidelity and diversity embeddings; None: ``DINOv2()`` (ViT-L/14, as in the paper).
         text_image_encoder: controllability; None: ``OpenCLIP()`` (ViT-L/14 DataComp-XL, as in the paper).
         style_encoder: Gram-matrix features; None: ``VGG19()``.

@@ -22,6 +22,11 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 #: Checkpoint suffixes that are Python pickles: loading one can run arbitrary code.
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+#: Single files: the keys that say SDXL (its second, OpenCLIP text encoder) and an SDXL refiner (that one alone),
+#: and the empty tensors that mark v-prediction and a zero-terminal-SNR schedule (ComfyUI's, which it writes
+#: and reads: ``comfy/supported_models.py`` ``SDXL.model_type``).
+SDXL_KEY, SDXL_REFINER_KEY = "conditioner.embedders.1.model.", "conditioner.embedders.0.model."
+V_PRED_MARKER, ZTSNR_MARKER = "v_pred", "ztsnr"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -187,15 +192,20 @@ class BaseModel:
 
 
 class Pretrained(BaseModel):
-    """A Stable Diffusion 1.x/2.x model from the Hub, a local diffusers folder or a single checkpoint file.
+    """A Stable Diffusion 1.x/2.x or SDXL model from the Hub, a local diffusers folder or a single checkpoint file.
+
+    The family is read from the model: an SDXL folder lists ``text_encoder_2`` in its ``model_index.json``, an
+    SDXL single file holds ``conditioner.embedders.1.model.*``; a single file's empty ``v_pred`` / ``ztsnr``
+    tensors (NoobAI-style v-prediction SDXL) set the noise schedule's prediction type / zero terminal SNR.
 
     Args:
         path: a Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; read from the Hugging Face cache
             when already downloaded, also offline with ``HF_HUB_OFFLINE=1``), a local diffusers folder (with
             ``model_index.json``), or a single-file checkpoint (``.safetensors``; ``.ckpt`` only with
             ``trust_pickle``), e.g. one downloaded from Civitai.
-        config: for a single file: the diffusers folder or Hub id whose configs describe its architecture.
-            None lets diffusers infer the model type and fetch its configs (needs the network once).
+        config: for a single file: the diffusers folder or Hub id whose configs describe its architecture
+            (SDXL's: ``stabilityai/stable-diffusion-xl-base-1.0``). None lets diffusers infer the model type and
+            fetch its configs (needs the network once).
         revision: Hub revision (branch, tag or commit).
         variant: weights variant in the folder/repo, e.g. ``fp16``.
         trust_pickle: allow ``.ckpt``/``.pt``/``.bin`` checkpoints. They are Python pickles and can run
@@ -270,27 +280,53 @@ class Pretrained(BaseModel):
         )
 
     def _from_single_file(self, path: Path) -> Components:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        if path.suffix.lower() in PICKLE_SUFFIXES and not self.trust_pickle:
+        pickled = path.suffix.lower() in PICKLE_SUFFIXES
+        if pickled and not self.trust_pickle:
             raise BaseModelError(
                 f"{path} is a pickle checkpoint, which can run arbitrary code when loaded. Prefer a .safetensors "
                 "version of it; if you trust its source, set trust_pickle: true (--model.base.init_args.trust_pickle"
                 "=true)"
             )
+        keys = _checkpoint_keys(path, pickled)
+        sdxl = any(k.startswith(SDXL_KEY) for k in keys)
+        if not sdxl and any(k.startswith(SDXL_REFINER_KEY) for k in keys):
+            raise BaseModelError(f"{path} is an SDXL refiner checkpoint (CLIP-G only): lycoflow trains and samples "
+                                 "base models; use an SDXL base checkpoint")
+        options = {} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=self.config, cache_dir=self.cache_dir, safety_checker=None,
-                requires_safety_checker=False,
-                local_files_only=self.config is not None and Path(self.config).is_dir(),
+            pipe = (StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline).from_single_file(
+                str(path), config=self.config, cache_dir=self.cache_dir,
+                local_files_only=self.config is not None and Path(self.config).is_dir(), **options,
             )
         except (OSError, ValueError, KeyError) as err:
             raise BaseModelError(
                 f"could not load single-file checkpoint {path}: {str(err).splitlines()[0]}. It must be a Stable "
-                "Diffusion 1.x/2.x checkpoint; offline, pass `config` (a diffusers folder of the same architecture)"
+                "Diffusion 1.x/2.x or SDXL checkpoint; offline, pass `config` (a diffusers folder of the same "
+                "architecture)"
             ) from None
-        return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+        # The checkpoint's own markers win over the configs it was read with (an SDXL base's say epsilon).
+        markers = ({"prediction_type": "v_prediction"} if V_PRED_MARKER in keys else {}) | (
+            {"rescale_betas_zero_snr": True} if ZTSNR_MARKER in keys else {})
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **markers) if markers else pipe.scheduler
+        second = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2} if sdxl else {}
+        return Components(pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer, scheduler, **second)
 
     def __repr__(self) -> str:
         return f"Pretrained(path={self.path!r})"
+
+
+def _checkpoint_keys(path: Path, pickled: bool) -> set[str]:
+    """A single file's tensor names: from the safetensors header alone, or (a trusted pickle) by loading it."""
+    if not pickled:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                return set(f.keys())
+        except Exception as err:  # safetensors raises its own error types for malformed headers
+            raise BaseModelError(f"{path}: not a readable safetensors checkpoint ({err})") from None
+    state = torch.load(path, map_location="cpu", weights_only=False)  # trust_pickle said yes
+    return set(state.get("state_dict", state))
 

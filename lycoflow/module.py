@@ -1,11 +1,13 @@
-"""`DiffusionFinetune`: the LightningModule that fine-tunes Stable Diffusion with any `lycoris.Strategy`.
+"""`DiffusionFinetune`: the LightningModule that fine-tunes Stable Diffusion (1.x, 2.x, SDXL) with any
+`lycoris.Strategy`.
 
-The base model (UNet, VAE, text encoder, tokenizer, noise schedule) is frozen; the strategy wraps the targeted
-layers of the UNet (and of the text encoder) and only the adapters' parameters train. The module never asks
+The base model (UNet, VAE, text encoder(s), tokenizer(s), noise schedule) is frozen; the strategy wraps the
+targeted layers of the UNet (and of the text encoders) and only the adapters' parameters train. The module never asks
 which algorithm it runs: `Full` (native fine-tuning, trained as a weight difference) is one more strategy.
 
 Loss: the paper's eq. (1), ‖ε − ε_θ(z_t, t, c)‖² on VAE latents, or the v-prediction target when the
-scheduler says so; optional min-SNR-γ weighting and noise offset. Caption dropout comes from the data.
+scheduler says so; optional min-SNR-γ weighting and noise offset. Caption dropout comes from the data. SDXL's c
+is both encoders' states, the second's pooled text and each sample's size numbers (`Components.unet_conditioning`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from . import __version__
 from .data.encodings import module_digest
 from .models import (
     DTYPES,
+    SDXL_TEXT_ENCODER_PREFIXES,
     TEXT_ENCODER_PREFIX,
     UNET_PREFIX,
     BaseModel,
@@ -42,20 +45,23 @@ from .models import (
 
 
 class DiffusionFinetune(L.LightningModule):
-    """Fine-tune a Stable Diffusion 1.x/2.x model with a LyCORIS adapter (or natively, with `lycoris.Full`).
+    """Fine-tune a Stable Diffusion 1.x/2.x or SDXL model with a LyCORIS adapter (or natively, with `lycoris.Full`).
 
     Args:
         base: where the base model comes from: `lycoflow.models.Pretrained` (Hub id, diffusers folder or
             single-file checkpoint) or `lycoflow.tiny.TinySD` (the offline tiny model).
         adapter: the algorithm and its hyperparameters, e.g. ``lycoris.LoKr`` — applied to the UNet, and to
             the text encoder unless ``text_encoder_adapter`` gives another.
-        train_text_encoder: also adapt the text encoder (the paper does).
+        train_text_encoder: also adapt the text encoder (the paper does); for SDXL both text encoders.
         text_encoder_adapter: a different strategy for the text encoder; None uses ``adapter``.
+        text_encoder_2_adapter: SDXL: a different strategy for the second text encoder (CLIP-G); None uses the
+            first's.
         max_token_length: caption tokens the text encoder reads, in training, in the text-encoder cache and in
             evaluation sampling: 75 (CLIP's context) or, as kohya's ``max_token_length``, 150 (the paper) or 225:
             the caption is encoded in chunks of 75 whose hidden states are joined (see `Components.encode_text`).
         lr: learning rate of the UNet's adapter (paper: 5e-4 for adapters, 1e-6 for native fine-tuning).
         text_encoder_lr: learning rate of the text encoder's adapter; None uses ``lr``.
+        text_encoder_2_lr: SDXL: learning rate of the second text encoder's adapter; None uses the first's.
         optimizer: the optimizer class and its arguments (its ``lr`` is replaced by the two above); None
             means AdamW(weight_decay=0.1, betas=(0.9, 0.99)); the paper's is `lycoflow.optim.AdamW8bit` with
             those arguments.
@@ -63,11 +69,13 @@ class DiffusionFinetune(L.LightningModule):
         warmup_steps: linear warmup of the learning rate over this many optimizer steps (the paper: 3,500, then
             constant).
         prediction_type: the UNet's target; None reads it from the model's scheduler config (SD 2.x-v says
-            ``v_prediction``).
+            ``v_prediction``) or a single file's ``v_pred`` marker (NoobAI-v and other v-prediction SDXL).
+        zero_terminal_snr: train on a noise schedule rescaled to zero SNR at its last step (Lin et al. 2024; the
+            ``ztsnr`` marker of a single file); None reads it from the model's scheduler config or that marker.
         min_snr_gamma: weight each sample's loss by min(SNR, γ)/SNR (Hang et al. 2023; 5 is common); None off.
         noise_offset: add offset·N(0,1) per image and channel to the noise (learns darker/brighter images).
         gradient_checkpointing: recompute activations in the backward pass of the UNet (and the trained text
-            encoder): much less memory, about 30% slower.
+            encoders): much less memory, about 30% slower.
         weight_dtype: storage dtype of the frozen UNet and text-encoder weights; bfloat16/float16 halve their
             memory (adapters stay float32; run the Trainer with ``precision: bf16-mixed``). The VAE stays
             float32: SD's VAE overflows in float16.
@@ -81,13 +89,16 @@ class DiffusionFinetune(L.LightningModule):
         adapter: lycoris.Strategy,
         train_text_encoder: bool = True,
         text_encoder_adapter: lycoris.Strategy | None = None,
+        text_encoder_2_adapter: lycoris.Strategy | None = None,
         max_token_length: MaxTokenLength = 75,
         lr: float = 5e-4,
         text_encoder_lr: float | None = None,
+        text_encoder_2_lr: float | None = None,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         warmup_steps: int = 0,
         prediction_type: Literal["epsilon", "v_prediction"] | None = None,
+        zero_terminal_snr: bool | None = None,
         min_snr_gamma: float | None = None,
         noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
@@ -95,22 +106,20 @@ class DiffusionFinetune(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
-        for name, rate in (("lr", lr), ("text_encoder_lr", text_encoder_lr)):
+        for name, rate in (("lr", lr), ("text_encoder_lr", text_encoder_lr), ("text_encoder_2_lr", text_encoder_2_lr)):
             if rate is not None and not rate > 0:  # checked before the base model loads; NaN fails too
                 raise ValueError(f"model.{name}={rate} must be > 0 (the paper: 5e-4 for adapters, 1e-6 for native "
                                  "fine-tuning); to freeze the text encoder set model.train_text_encoder=false")
         parts = base.load()
-        if parts.is_sdxl:  # loading, sampling and the data's size conditioning are there; training and files not yet
-            raise ValueError(f"{base!r} is an SDXL model: lycoflow samples from SDXL but does not fine-tune it yet "
-                             "(no second-encoder adapters, size conditioning in the loss or SDXL file keys); use an "
-                             "SD 1.x/2.x base")
         self.base_source, self.adapter = base, adapter
         self.base_version = parts.version
-        self.tokenizer = parts.tokenizer
+        self.tokenizer, self.tokenizer_2 = parts.tokenizer, parts.tokenizer_2
         self.max_token_length = max_token_length
         self.prediction_type = prediction_type or parts.scheduler.config.prediction_type
-        # The schedule carries the prediction type trained, which samplers built from it then use.
-        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config, prediction_type=self.prediction_type)
+        # The schedule carries the prediction type trained (and its SNR rescaling), which samplers built from it use.
+        rescale = {} if zero_terminal_snr is None else {"rescale_betas_zero_snr": zero_terminal_snr}
+        self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config, prediction_type=self.prediction_type,
+                                                         **rescale)
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"the base model's scheduler predicts {self.prediction_type!r}; lycoflow trains "
                              "'epsilon' or 'v_prediction' models (set model.prediction_type to override)")
@@ -121,20 +130,32 @@ class DiffusionFinetune(L.LightningModule):
         self.unet = cast_frozen(parts.unet.requires_grad_(False).train(), DTYPES[weight_dtype])
         self.vae = cast_frozen(parts.vae.requires_grad_(False).train(), torch.float32)
         self.text_encoder = cast_frozen(parts.text_encoder.requires_grad_(False).train(), DTYPES[weight_dtype])
+        self.text_encoder_2 = None if parts.text_encoder_2 is None else \
+            cast_frozen(parts.text_encoder_2.requires_grad_(False).train(), DTYPES[weight_dtype])
         self.unet.set_attn_processor(AttnProcessor2_0())  # torch's scaled_dot_product_attention (flash/mem-eff)
 
-        networks = {UNET_PREFIX: adapter.apply(self.unet, prefix=UNET_PREFIX)}
-        if train_text_encoder:
-            networks[TEXT_ENCODER_PREFIX] = (text_encoder_adapter or adapter).apply(self.text_encoder,
-                                                                                    prefix=TEXT_ENCODER_PREFIX)
-        self.networks = nn.ModuleDict(networks)
+        self.lr, self.text_encoder_lr = lr, lr if text_encoder_lr is None else text_encoder_lr
+        first = text_encoder_adapter or adapter
+        # Per adapted part: (optimizer group name, file-key prefix, module, strategy, learning rate).
+        parts_to_adapt: list[tuple[str, str, nn.Module, lycoris.Strategy, float]] = [
+            ("unet", UNET_PREFIX, self.unet, adapter, self.lr)]
+        if train_text_encoder and self.text_encoder_2 is None:
+            parts_to_adapt.append(("text_encoder", TEXT_ENCODER_PREFIX, self.text_encoder, first, self.text_encoder_lr))
+        elif train_text_encoder:
+            one, two = SDXL_TEXT_ENCODER_PREFIXES
+            parts_to_adapt += [
+                ("text_encoder", one, self.text_encoder, first, self.text_encoder_lr),
+                ("text_encoder_2", two, self.text_encoder_2, text_encoder_2_adapter or first,
+                 self.text_encoder_lr if text_encoder_2_lr is None else text_encoder_2_lr)]
+        self.networks = nn.ModuleDict({prefix: strategy.apply(module, prefix=prefix)
+                                       for _, prefix, module, strategy, _ in parts_to_adapt})
+        self._groups = [(name, prefix, lr) for name, prefix, _, _, lr in parts_to_adapt]
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if train_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for _, _, module, _, _ in parts_to_adapt[1:]:
+                module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
         self.train_text_encoder = train_text_encoder
-        self.lr, self.text_encoder_lr = lr, lr if text_encoder_lr is None else text_encoder_lr
         self.optimizer_factory, self.lr_scheduler_factory, self.warmup_steps = optimizer, lr_scheduler, warmup_steps
         self.min_snr_gamma, self.noise_offset, self.seed = min_snr_gamma, noise_offset, seed
         #: The resolved recipe (YAML), stored in every adapter file; set by the CLI.
@@ -166,10 +187,13 @@ class DiffusionFinetune(L.LightningModule):
     def components(self) -> Components:
         """The model's parts, with its adapters attached and the schedule it trains (for sampling)."""
         return Components(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler,
-                          self.max_token_length)
+                          self.max_token_length, self.text_encoder_2, self.tokenizer_2)
 
-    def encode_text(self, captions: list[str]) -> Tensor:
-        return self.components.encode_text(captions)
+    def text_conditioning(self, captions: list[str]) -> dict[str, Tensor]:
+        """``encoder_hidden_states`` of the captions, and for SDXL ``text_embeds`` (the pooled text): what the
+        text-encoder cache stores and the loss reads."""
+        states, pooled = self.components.encode_prompt(captions)
+        return {"encoder_hidden_states": states} | ({} if pooled is None else {"text_embeds": pooled})
 
     @torch.no_grad()
     def latent_parameters(self, pixels: Tensor) -> Tensor:
@@ -192,17 +216,22 @@ class DiffusionFinetune(L.LightningModule):
             return None
         if self._text_identity is None:
             tokenizer = self.tokenizer
-            self._text_identity = module_digest(self.text_encoder, type(tokenizer).__name__,
-                                                sorted(tokenizer.get_vocab().items()), tokenizer.model_max_length,
-                                                self.max_token_length)
+            extra: tuple[object, ...] = (type(tokenizer).__name__, sorted(tokenizer.get_vocab().items()),
+                                         tokenizer.model_max_length, self.max_token_length)
+            if self.text_encoder_2 is None:  # SD 1.x/2.x: the digest (and so the cache keys) as before SDXL
+                self._text_identity = module_digest(self.text_encoder, *extra)
+            else:  # the vocabulary is CLIP's in both; the second pads with another token
+                self._text_identity = module_digest(nn.ModuleList([self.text_encoder, self.text_encoder_2]), *extra,
+                                                    self.tokenizer_2.pad_token, "sdxl")
         return self._text_identity
 
     def denoising_loss(self, batch: dict[str, Any], generator: torch.Generator) -> Tensor:
         parameters = batch["latent_parameters"] if "latent_parameters" in batch else \
             self.latent_parameters(batch["pixel_values"])
         latents = self.sample_latents(parameters, generator)
-        context = batch["encoder_hidden_states"] if "encoder_hidden_states" in batch else \
-            self.encode_text(batch["caption"])
+        text = batch if "encoder_hidden_states" in batch else self.text_conditioning(batch["caption"])
+        condition = self.components.unet_conditioning(text["encoder_hidden_states"], text.get("text_embeds"),
+                                                      batch.get("add_time_ids"))
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
         if self.noise_offset:
             noise = noise + self.noise_offset * torch.randn(
@@ -211,7 +240,7 @@ class DiffusionFinetune(L.LightningModule):
         t = torch.randint(0, steps, (latents.shape[0],), generator=generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         target = noise if self.prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, t)
-        pred = self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=context.to(self.unet.dtype)).sample
+        pred = self.unet(noisy.to(self.unet.dtype), t, **condition).sample
         loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if self.min_snr_gamma is not None:
             alphas = self.noise_scheduler.alphas_cumprod.to(self.device)[t]
@@ -256,9 +285,7 @@ class DiffusionFinetune(L.LightningModule):
     # -- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
         groups = []
-        parts = [("unet", UNET_PREFIX, self.lr)] + (
-            [("text_encoder", TEXT_ENCODER_PREFIX, self.text_encoder_lr)] if self.train_text_encoder else [])
-        for name, prefix, lr in parts:
+        for name, prefix, lr in self._groups:
             decay, exempt = self.networks[prefix].parameters_by_decay()
             groups.append({"name": name, "params": decay, "lr": lr})
             if exempt:
@@ -304,7 +331,9 @@ class DiffusionFinetune(L.LightningModule):
         """kohya-compatible metadata (what A1111/ComfyUI and civitai show), plus the resolved recipe."""
         meta = lycoris.kohya_metadata(self.adapter.network_args(), self.adapter.dim, self.adapter.alpha,
                                       self.base_version, output_name, epoch=self.current_epoch + 1,
-                                      steps=self.global_step, seed=self.seed)
+                                      steps=self.global_step, seed=self.seed,
+                                      v_parameterization=self.prediction_type == "v_prediction",
+                                      zero_terminal_snr=bool(self.noise_scheduler.config.get("rescale_betas_zero_snr")))
         meta["lycoflow_version"] = __version__
         if self.recipe is not None:
             meta["lycoflow_recipe"] = self.recipe
@@ -312,7 +341,7 @@ class DiffusionFinetune(L.LightningModule):
 
     def save_adapter(self, path: str | Path, dtype: DType = "float16", output_name: str | None = None) -> Path:
         """Write the trained adapters as one LyCORIS/kohya file (UNet keys ``lora_unet_*``, text encoder
-        ``lora_te_*``), atomically."""
+        ``lora_te_*``; SDXL's ``lora_te1_*`` and ``lora_te2_*``), atomically."""
         path = Path(path)
         return lycoris.save_file(path, dict(self.networks), metadata=self.adapter_metadata(output_name or path.stem),
                                  dtype=DTYPES[dtype])

@@ -72,22 +72,25 @@ def tiny_text_encoder(seed: int = 0, hidden_size: int = 32, vocab_size: int = 10
     return CLIPTextModel(_text_config(hidden_size, vocab_size))
 
 
-def tiny_text_encoder_2(seed: int = 0, hidden_size: int = 32, vocab_size: int = 1000) -> CLIPTextModelWithProjection:
+#: The tiny SDXL's additional-embedding width per size/crop number (SDXL: 256), its second encoder's width (wider than
+#: the first's, as CLIP-G's 1280 is than CLIP-L's 768: diffusers' single-file loader tells them apart by it) and its
+#: pooled text width (the projection's, not the width, as CLIP-G's projection is its own matrix).
+SDXL_TIME_DIM, SDXL_CLIP_G_WIDTH, SDXL_POOLED_DIM = 8, 48, 32
+
+
+def tiny_text_encoder_2(seed: int = 0, hidden_size: int = SDXL_CLIP_G_WIDTH, projection_dim: int = SDXL_POOLED_DIM,
+                        vocab_size: int = 1000) -> CLIPTextModelWithProjection:
     """SDXL's second text encoder at toy scale: CLIPTextModelWithProjection (OpenCLIP ViT-bigG's layout in
     transformers' names, GELU, a bias-free projection of the pooled state) with 2 layers."""
     torch.manual_seed(seed + 1)  # not the first encoder's weights
     return CLIPTextModelWithProjection(_text_config(hidden_size, vocab_size, hidden_act="gelu",
-                                                    projection_dim=hidden_size))
-
-
-#: The tiny SDXL's additional-embedding width per size/crop number (SDXL: 256) and its pooled text width.
-SDXL_TIME_DIM, SDXL_POOLED_DIM = 8, 32
+                                                    projection_dim=projection_dim))
 
 
 def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
     """SDXL's UNet blocks at toy scale: three levels (32, 64, 64 channels), two resnets each, no attention at the
     first, linear proj_in/proj_out, transformer blocks of 1 and 2 layers (SDXL: 2 and 10), cross-attention on both
-    text encoders' states side by side (32 + 32 wide), and the text-time additional embedding of the pooled text
+    text encoders' states side by side (32 + 48 wide), and the text-time additional embedding of the pooled text
     with the six size and crop numbers (``add_embedding``, LDM's ``label_emb``)."""
     torch.manual_seed(seed)
     return UNet2DConditionModel(
@@ -101,7 +104,7 @@ def tiny_sdxl_unet(seed: int = 0) -> UNet2DConditionModel:
         transformer_layers_per_block=(1, 1, 2),
         attention_head_dim=(2, 4, 8),  # diffusers' name for SDXL's head counts (5, 10, 20)
         use_linear_projection=True,
-        cross_attention_dim=64,
+        cross_attention_dim=32 + SDXL_CLIP_G_WIDTH,
         addition_embed_type="text_time",
         addition_time_embed_dim=SDXL_TIME_DIM,
         projection_class_embeddings_input_dim=6 * SDXL_TIME_DIM + SDXL_POOLED_DIM,
@@ -201,7 +204,7 @@ def tiny_sdxl_components(seed: int = 0) -> Components:
         return Components(
             unet=tiny_sdxl_unet(seed), vae=vae, text_encoder=tiny_text_encoder(seed, vocab_size=len(tokenizer)),
             tokenizer=tokenizer, scheduler=sd_scheduler(),
-            text_encoder_2=tiny_text_encoder_2(seed, SDXL_POOLED_DIM, vocab_size=len(tokenizer_2)),
+            text_encoder_2=tiny_text_encoder_2(seed, vocab_size=len(tokenizer_2)),
             tokenizer_2=tokenizer_2,
         )
 
@@ -259,7 +262,7 @@ class TinySD(BaseModel):
 
     Args:
         folder: where the diffusers folder is written and read; default ``<cache>/models/tiny-sd1-seed<seed>``
-            (``tiny-sdxl-seed<seed>`` for `TinySDXL`; cache: ``$LYCOFLOW_CACHE`` or ``~/.cache/lycoflow``).
+            (``tiny-sdxl2-seed<seed>`` for `TinySDXL`; cache: ``$LYCOFLOW_CACHE`` or ``~/.cache/lycoflow``).
         seed: seed of the random weights.
     """
 
@@ -286,5 +289,5 @@ class TinySDXL(TinySD):
     SDXL paths run offline. For tests; point a recipe at real weights with `lycoflow.models.Pretrained`.
     Arguments as `TinySD`'s."""
 
-    stem = "tiny-sdxl"
+    stem = "tiny-sdxl2"  # 2: CLIP-G-shaped encoder wider than CLIP-L's (a folder of the first build is not reused)
     write = staticmethod(save_tiny_sdxl)

@@ -7,7 +7,10 @@ suffixes the algorithm's parameter names (a network's ``state_dict()`` is the fi
 layer stores its ``alpha``, and the scale α/rank is applied once, as A1111 and ComfyUI compute it.
 Text-encoder keys are always written as ``lora_te_text_model_encoder_…``, also with transformers 5, whose
 ``CLIPTextModel`` dropped the ``text_model.`` level (names without it are silently ignored by the UIs); both
-spellings load.
+spellings load. SDXL files carry ``lora_unet`` with the UNet's LDM (compvis) paths and ``lora_te1`` (CLIP-L) /
+``lora_te2`` (CLIP-G), as kohya's sd-scripts writes them. Other trainers' spellings are read too: diffusers
+paths after ``lora_unet_``, SimpleTuner's ``lycoris_<diffusers path>``, and diffusers/PEFT LoRA files
+(``unet.<path>.lora_A.weight``, ``text_encoder.…``, ``text_encoder_2.…``; no alpha means scale 1).
 
 Reading groups keys by layer, finds the layer in the given models under either spelling of its path,
 recognises the algorithm from the suffixes (`Adapter.signature`; a user's algorithm by its adapter class or
@@ -49,13 +52,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as _load_tensors
 from safetensors.torch import save_file as _save_tensors
 from torch import Tensor, nn
@@ -70,7 +75,7 @@ from .lokr import LoKrAdapter
 from .lora import LoRAAdapter
 from .norm import NormAdapter
 from .oft import OFTAdapter
-from .targeting import file_namer, layers_by_name
+from .targeting import file_namer, layers_by_name, lycoris_name
 
 #: Adapter classes `load_file` recognises, tried in order. Pass your own tuple to add an algorithm.
 ALGORITHMS: tuple[type[Adapter], ...] = (
@@ -112,20 +117,27 @@ def kohya_metadata(
     steps: int | None = None,
     seed: int | None = None,
     comment: str | None = None,
+    v_parameterization: bool = False,
+    zero_terminal_snr: bool = False,
 ) -> dict[str, str]:
     """kohya sd-scripts' ``ss_*`` metadata of an adapter file, in its key order: what A1111, ComfyUI and Civitai
-    show about a file.
+    show about a file. An SDXL file (``base_version`` ``sdxl_…``, whose name does not say the prediction type as
+    SD 2.x's does) also gets sd-scripts' ``ss_v_parameterization`` / ``ss_zero_terminal_snr`` and the SAI model
+    spec that sd-scripts writes beside them (``modelspec.architecture`` ``stable-diffusion-xl-v1-base/lora``,
+    ``modelspec.prediction_type`` ``epsilon`` or ``v``); SD 1.x/2.x files keep exactly the keys they always had.
 
     Args:
         network_args: ``ss_network_args``, e.g. `Strategy.network_args` (``algo`` and the settings).
         dim: ``ss_network_dim``, the rank.
         alpha: ``ss_network_alpha``; None means alpha = dim (scale 1).
-        base_version: ``ss_base_model_version``: ``sd_v1``, ``sd_v2_512`` or ``sd_v2_768_v``.
+        base_version: ``ss_base_model_version``: ``sd_v1``, ``sd_v2_512``, ``sd_v2_768_v`` or ``sdxl_base_v1-0``.
         output_name: ``ss_output_name``, the name the UIs list the file under.
         epoch: ``ss_epoch``, for a trained file (1 after the first epoch).
         steps: ``ss_steps``, optimiser steps taken.
         seed: ``ss_seed``, the training seed.
         comment: ``ss_training_comment``: how the file was made.
+        v_parameterization: SDXL: the base predicts v (NoobAI-v and other v-prediction SDXL).
+        zero_terminal_snr: SDXL: its noise schedule is rescaled to zero terminal SNR.
     """
     meta = {
         "ss_base_model_version": base_version,
@@ -136,7 +148,14 @@ def kohya_metadata(
         "ss_output_name": output_name,
     }
     optional = {"ss_epoch": epoch, "ss_steps": steps, "ss_seed": seed, "ss_training_comment": comment}
-    return meta | {key: str(value) for key, value in optional.items() if value is not None}
+    meta |= {key: str(value) for key, value in optional.items() if value is not None}
+    if base_version.startswith("sdxl_"):
+        meta |= {"ss_v_parameterization": str(v_parameterization), "ss_zero_terminal_snr": str(zero_terminal_snr),
+                 "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                 "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                 "modelspec.title": output_name, "modelspec.resolution": "1024x1024",
+                 "modelspec.prediction_type": "v" if v_parameterization else "epsilon"}
+    return meta
 
 
 def save_file(
@@ -186,6 +205,43 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+#: diffusers/PEFT LoRA files: the model part a key starts with → its kohya prefix (SD 1.x's text encoder: ``lora_te``),
+#: and the parameter suffixes → kohya's.
+_PEFT_PARTS = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+_PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
+
+
+def _kohya_tensors(tensors: dict[str, Tensor], config: Mapping[str, Any], prefixes: Collection[str]
+                   ) -> dict[str, Tensor]:
+    """The file's tensors under kohya's keys (``<prefix>_<path with _>.<suffix>``) where another trainer spelled
+    them: SimpleTuner's ``lycoris_<UNet diffusers path>``, and diffusers/PEFT's ``<part>.<path>.lora_A.weight``,
+    whose alphas diffusers keeps in the file's ``lora_adapter_metadata`` (``<part>.lora_alpha``, per-layer
+    ``<part>.alpha_pattern``, matched as PEFT does: ``config``); without it the scale is 1, as diffusers then
+    loads it."""
+    out: dict[str, Tensor] = {}
+    # The LyCORIS library names a bare model's layers ``lycoris_``: its own prefix when the caller gives it.
+    simpletuner = "lycoris" not in prefixes and "lora_unet" in prefixes
+    for key, value in tensors.items():
+        if simpletuner and key.startswith("lycoris_"):
+            out["lora_unet_" + key.removeprefix("lycoris_")] = value
+            continue
+        part, _, rest = key.partition(".")
+        suffix = next((s for s in _PEFT_SUFFIXES if rest.endswith("." + s)), None)
+        if part not in _PEFT_PARTS or suffix is None:
+            out[key] = value
+            continue
+        path = rest.removesuffix("." + suffix)
+        name = lycoris_name("lora_te" if part == "text_encoder" and "lora_te" in prefixes else _PEFT_PARTS[part],
+                            path)
+        out[f"{name}.{_PEFT_SUFFIXES[suffix]}"] = value
+        patterns = config.get(f"{part}.alpha_pattern") or {}
+        alpha = next((a for pattern, a in patterns.items() if re.match(rf"(.*\.)?({pattern})$", path)),
+                     config.get(f"{part}.lora_alpha"))
+        if alpha is not None:
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+
 def _describe(layer: nn.Module) -> str:
     return f"{type(layer).__name__}{tuple(layer.weight.shape)}"
 
@@ -202,16 +258,22 @@ def _read(
         raise FileNotFoundError(f"adapter file not found: {path}")
     try:
         tensors = _load_tensors(str(path))
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     if not tensors:  # would load, generate and merge as if it were an adapter, changing nothing
         raise ValueError(f"{path}: holds no tensors, so no adapter: was it saved from an untrained or empty network?")
+    try:
+        peft_config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+    except ValueError as err:
+        raise ValueError(f"{path}: its lora_adapter_metadata (diffusers' LoRA settings) is not JSON: {err}") from None
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise ValueError(f"{path}: refusing to load: NaN/inf values in {len(bad)} tensor(s), e.g. {bad[:3]}")
 
     groups: dict[str, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
+    for key, value in _kohya_tensors(tensors, peft_config, modules).items():
         name, _, suffix = key.partition(".")
         groups.setdefault(name, {})[suffix] = value
     tables = {prefix: layers_by_name(module, prefix) for prefix, module in modules.items()}

@@ -29,9 +29,12 @@ _MLP = (
     "*attentions.*.proj_in", "*attentions.*.proj_out",  # Transformer2DModel in/out projections
     "*.mlp.fc1", "*.mlp.fc2",  # CLIP
 )
+# SDXL's text-time embedding (``add_embedding``, LDM's ``label_emb``) is its second timestep-like embedding: full
+# reaches it as it reaches ``time_embedding`` (the LyCORIS library's full does not, naming neither in SDXL's LDM
+# spelling; ComfyUI and A1111 place ``lora_unet_label_emb_0_*``). SD 1.x/2.x have no such layer.
 _REST = (
     "*resnets.*.conv1", "*resnets.*.conv2", "*resnets.*.conv_shortcut", "*resnets.*.time_emb_proj",
-    "*samplers.*.conv", "conv_in", "conv_out", "time_embedding.*",
+    "*samplers.*.conv", "conv_in", "conv_out", "time_embedding.*", "add_embedding.*",
 )
 # The norms the LyCORIS library's train_norm reaches on SD: those inside the Transformer2DModel and ResnetBlock2D
 # modules its presets target. They are also the only ones both UIs place: ComfyUI maps no CLIP norm by its

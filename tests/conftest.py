@@ -35,6 +35,14 @@ def tiny_sd_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_folder(tmp_path_factory):
+    """A tiny SDXL diffusers folder (both encoders, both tokenizers), written once per session."""
+    from lycoflow.tiny import save_tiny_sdxl
+
+    return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory):
     """The quickstart's generated data set, written once per session."""
     from lycoflow.data.synthetic import ensure_dataset
@@ -52,6 +60,12 @@ def tiny(tiny_sd_folder, synthetic_root):
         "--data.init_args.resolution=64", "--data.init_args.num_workers=0", "--data.init_args.bucketing=false",
         "--trainer.precision=32-true", "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny, tiny_sdxl_folder):
+    """`tiny`, with the tiny SDXL as the base (after an SDXL overlay, which sets a real SDXL's sizes)."""
+    return [*tiny, "--model.base=lycoflow.tiny.TinySDXL", f"--model.base.init_args.folder={tiny_sdxl_folder}"]
 
 
 def readme_modules() -> dict[str, str]:

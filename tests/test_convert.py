@@ -17,7 +17,7 @@ def model(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("convert")
     folder = save_tiny_sd(tmp / "tiny-sd", seed=0)  # only its configs are read: the weights come from the file
     parts = tiny_components(seed=0)
-    file = save_single_file(tmp / "out" / "tiny.safetensors", parts.unet, parts.vae, parts.text_encoder)
+    file = save_single_file(tmp / "out" / "tiny.safetensors", parts)
     pipe = StableDiffusionPipeline.from_single_file(
         str(file), config=str(folder), local_files_only=True, safety_checker=None, requires_safety_checker=False,
     )
@@ -105,8 +105,7 @@ def test_sd15_key_names(model):
 
 def test_dtype_and_no_leftovers(model, tmp_path):
     parts = model[0]
-    file = save_single_file(tmp_path / "half.safetensors", parts.unet, parts.vae, parts.text_encoder,
-                            dtype=torch.float16)
+    file = save_single_file(tmp_path / "half.safetensors", parts, dtype=torch.float16)
     assert {t.dtype for t in load_file(file).values()} == {torch.float16}
     assert [p.name for p in tmp_path.iterdir()] == ["half.safetensors"]
 

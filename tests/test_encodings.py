@@ -173,7 +173,9 @@ def test_the_text_cache_holds_entries_of_the_models_caption_length(tiny_sd_folde
         batch = next(iter(dm.train_dataloader()))
         length = 77 if net is short else 152
         assert batch["encoder_hidden_states"].shape[1:] == (length, 32)
-        torch.testing.assert_close(batch["encoder_hidden_states"], net.encode_text(batch["caption"]))
+        want = net.text_conditioning(batch["caption"])
+        assert set(want) == {"encoder_hidden_states"}  # SD 1.x: no pooled text
+        torch.testing.assert_close(batch["encoder_hidden_states"], want["encoder_hidden_states"])
     # Two captions + the empty one, once per length: the 150-token entries did not replace the 75-token ones.
     assert len(entries(cache, "encoder_hidden_states")) == 2 * 3
 

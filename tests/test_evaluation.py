@@ -179,7 +179,7 @@ def test_references_of_bucketed_data_are_square_crops_and_sampling_uses_the_trai
                              min_bucket_resolution=64, max_bucket_resolution=256, bucket_step=32)
     data.setup("fit")
     assert len(set(data.buckets)) >= 3
-    references = Evaluator(**settings()).references(data, TinyDINOv2(), torch.device("cpu"))
+    references = Evaluator(**settings()).references(data, TinyDINOv2(), torch.device("cpu"), 32)
     assert {key: len(r) for key, r in references.items()} == {c.key: len(c.images) for c in data.concepts}
     model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4),
                               prediction_type="v_prediction")
@@ -258,7 +258,7 @@ def test_paper_references_are_letterboxed_into_the_encoders_square(synthetic_roo
             seen.append(images.shape[-2:])
             return encoder.embed_images(images)
 
-    references = Evaluator(**settings(protocol=PaperProtocol())).references(data, Spy(), torch.device("cpu"))
+    references = Evaluator(**settings(protocol=PaperProtocol())).references(data, Spy(), torch.device("cpu"), 32)
     assert set(seen) == {torch.Size([56, 56])}
     path = data.samples[0].path
     expected = encoder.embed_images((to_tensor(letterbox(load_rgb(path), 56)) + 1)[None] / 2)

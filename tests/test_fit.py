@@ -20,8 +20,10 @@ from lycoflow.lightning_cli import run_lightning
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import TinySD
 
-#: Whole recipes; `toy-world.yaml` is an overlay for them (tests/test_toy_world.py instantiates it over each).
-RECIPES = sorted(p for p in Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml") if p.stem != "toy-world")
+#: Whole recipes; `toy-world.yaml` and `sdxl.yaml` are overlays for them (tests/test_toy_world.py and
+#: tests/test_sdxl.py instantiate each over every recipe).
+OVERLAYS = ("toy-world", "sdxl")
+RECIPES = sorted(p for p in Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml") if p.stem not in OVERLAYS)
 
 
 # The SD recipes' callbacks without their Evaluation, whose real encoders (DINOv2, CLIP, VGG19) need downloads.

@@ -145,7 +145,7 @@ def test_training_and_sampling_read_the_modules_length(tiny_sd_folder):
     model = DiffusionFinetune(TinySD(folder=str(tiny_sd_folder)), lycoris.LoRA(dim=4, preset="attn-mlp"),
                               max_token_length=150, train_text_encoder=False)
     assert model.components.max_token_length == 150
-    assert model.encode_text(["zqx star, red"]).shape[1] == 152
+    assert model.text_conditioning(["zqx star, red"])["encoder_hidden_states"].shape[1] == 152
     batch = {"pixel_values": torch.zeros(2, 3, 32, 32), "caption": ["zqx star, red", words(120)]}
     assert torch.isfinite(model.denoising_loss(batch, model._generator(0, 0)))
     # The text-encoder cache's key: another length, other entries.

@@ -58,7 +58,7 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_sd_folder, tmp_pa
 
 def test_single_file_checkpoint_loads_as_base_model(tiny_sd_folder, tmp_path):
     local = Pretrained(str(tiny_sd_folder)).load()
-    path = save_single_file(tmp_path / "tiny.safetensors", local.unet, local.vae, local.text_encoder)
+    path = save_single_file(tmp_path / "tiny.safetensors", local)
     single = Pretrained(str(path), config=str(tiny_sd_folder)).load()
     for key, value in outputs(local).items():
         torch.testing.assert_close(outputs(single)[key], value, atol=1e-5, rtol=1e-5, msg=key)

@@ -40,7 +40,7 @@ def test_loss_is_the_denoising_objective(tiny_sd_folder, prediction_type, gamma)
     a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
     target = noise if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * latents
-    pred = model.unet(noisy, t, encoder_hidden_states=model.encode_text(data["caption"])).sample
+    pred = model.unet(noisy, t, **model.text_conditioning(data["caption"])).sample
     per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
     if gamma is not None:
         snr = (a / (1 - a)).flatten()

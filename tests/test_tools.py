@@ -243,8 +243,7 @@ def tuned(tiny_sd_folder, tmp_path_factory):
                 weight.add_(delta.reshape(weight.shape))
                 deltas[file_name(prefix, path)] = delta
         parts.unet.conv_norm_out.weight.add_(0.1)  # no LoRA carries a norm: reported as uncovered
-    file = save_single_file(tmp_path_factory.mktemp("tuned") / "tuned.safetensors", parts.unet, parts.vae,
-                            parts.text_encoder)
+    file = save_single_file(tmp_path_factory.mktemp("tuned") / "tuned.safetensors", parts)
     return file, deltas
 
 

@@ -279,7 +279,7 @@ class HierarchicalDataModule(L.LightningDataModule):
         model = self.trainer.lightning_module
         if not isinstance(model, EncodingModel):
             raise TypeError(f"cache_latents / cache_text_encoder_outputs need a model that encodes "
-                            f"(latent_identity, latent_parameters, text_identity, encode_text); "
+                            f"(latent_identity, latent_parameters, text_identity, text_conditioning); "
                             f"{type(model).__name__} does not")
         self.cache_encodings(model, self.trainer.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
 
@@ -302,7 +302,7 @@ def _encode_texts(cache: EncodingCache, encoders: EncodingModel, captions: dict[
     keys = list(captions)
     chunks = [keys[i:i + TEXT_BATCH] for i in range(0, len(keys), TEXT_BATCH)]
     batches = ((chunk, [captions[k] for k in chunk], [{"caption": captions[k]} for k in chunk]) for chunk in chunks)
-    fill(cache, "encoder_hidden_states", batches, encoders.encode_text, len(keys), "caching text-encoder outputs",
+    fill(cache, "encoder_hidden_states", batches, encoders.text_conditioning, len(keys), "caching text-encoder outputs",
          show)
 
 

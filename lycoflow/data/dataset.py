@@ -23,8 +23,9 @@ class HierarchicalDataset(Dataset):
     keys gives the collated batch (what :class:`~lycoflow.data.balance.BucketBatchSampler` asks for).
 
     ``buckets`` (one (w, h) per sample) replaces the square ``resolution`` crop. An item holds ``pixel_values``
-    or, with the latent cache, ``latent_parameters``; with the text cache also ``encoder_hidden_states``; and
-    ``add_time_ids``, SDXL's size conditioning of the crop (`lycoflow.data.images.size_conditioning`).
+    or, with the latent cache, ``latent_parameters``; with the text cache also ``encoder_hidden_states`` (SDXL:
+    and ``text_embeds``); and ``add_time_ids``, SDXL's size conditioning of the crop
+    (`lycoflow.data.images.size_conditioning`).
     """
 
     def __init__(self, samples: Sequence[Sample], concepts: Sequence[Concept], resolution: int,
@@ -64,13 +65,14 @@ class HierarchicalDataset(Dataset):
         # SDXL's size conditioning, from the sizes alone: the same with cached latents (which are centre crops).
         item: dict[str, Any] = {"add_time_ids": size_conditioning(sample.size, self.size(index), offset, flip)}
         if self.latent_keys is not None:
-            item["latent_parameters"] = self._cache().read("latent_parameters", self.latent_keys[index][flip])
+            entry = self._cache().read("latent_parameters", self.latent_keys[index][flip])
+            item["latent_parameters"] = entry["latent_parameters"]
         else:
             item["pixel_values"] = self.pixels(index, offset, flip)
         caption = "" if u_drop < self.caption_dropout else build_caption(
             concept.descriptor, sample.tags, self.keep_tokens, self.shuffle_tags, self.tag_dropout, rng)
         if self.text_keys is not None:
-            item["encoder_hidden_states"] = self._cache().read("encoder_hidden_states", self.text_keys[caption])
+            item |= self._cache().read("encoder_hidden_states", self.text_keys[caption])  # + SDXL's text_embeds
         return {**item, "caption": caption, "category": concept.category, "class": concept.class_name,
                 "subclass": concept.subclass, "path": str(sample.path)}
 

@@ -11,7 +11,8 @@ that asks for the same thing, and any change to a key part misses just the entri
   (w, h), the crop (centre) and the flip. The file holds the VAE's posterior parameters (mean and log-variance,
   float32), not a sample: the step draws the sample with its own generator, exactly as without the cache.
 - text: the caption and the text encoder's identity (weights, dtype, tokenizer, and how many caption tokens it
-  reads: ``max_token_length``, which also sets the entry's length).
+  reads: ``max_token_length``, which also sets the entry's length). The file holds the hidden states, and for
+  SDXL also the pooled text (``text_embeds``), both encoders' identities in its key.
 
 Files live in ``<lycoflow cache>/encodings`` unless ``cache_dir`` says otherwise; nothing is ever written
 beside the data set. Deleting the folder is always safe. Old entries (of a changed image, another VAE) stay
@@ -58,9 +59,9 @@ class EncodingModel(Protocol):
         outputs change every step and cannot be cached)."""
         ...
 
-    def encode_text(self, captions: list[str]) -> Tensor:
-        """The text encoder's last hidden states ``[b, tokens, d]`` of the captions (tokens: 77 for SD's CLIP,
-        ``max_token_length + 2`` with longer captions)."""
+    def text_conditioning(self, captions: list[str]) -> dict[str, Tensor]:
+        """The UNet's text conditioning of the captions: ``encoder_hidden_states`` ``[b, tokens, d]`` (tokens: 77
+        for SD's CLIP, ``max_token_length + 2`` with longer captions), and for SDXL ``text_embeds`` ``[b, p]``."""
         ...
 
 
@@ -111,26 +112,33 @@ class EncodingCache:
     def missing(self, kind: str, keys: Iterable[str]) -> list[str]:
         return [k for k in dict.fromkeys(keys) if not self.path(kind, k).is_file()]
 
-    def write(self, kind: str, key: str, tensor: Tensor, metadata: dict[str, str]) -> None:
+    def write(self, kind: str, key: str, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
         """Atomically (temporary file + rename): a crash never leaves a truncated entry under a valid key."""
         with atomic_path(self.path(kind, key)) as tmp:
-            save_file({kind: tensor.detach().float().cpu().contiguous()}, str(tmp), metadata=metadata)
+            save_file({name: t.detach().float().cpu().contiguous() for name, t in tensors.items()}, str(tmp),
+                      metadata=metadata)
 
-    def read(self, kind: str, key: str) -> Tensor:
+    def read(self, kind: str, key: str) -> dict[str, Tensor]:
+        """The entry's tensors by name (the kind's own name, and any it was written with beside it)."""
         path = self.path(kind, key)
         try:
-            return load_file(str(path))[kind]
+            tensors = load_file(str(path))
+            if kind not in tensors:
+                raise KeyError(f"no {kind!r} tensor")
+            return tensors
         except Exception as err:  # a damaged entry: say which file, and that deleting it is the fix
             raise ValueError(f"{path}: unreadable cache entry ({err}); delete it and it is encoded again") from err
 
 
 def fill(cache: EncodingCache, kind: str, batches: Iterable[tuple[list[str], Any, list[dict[str, str]]]],
-         encode: Callable[[Any], Tensor], total: int, description: str, show: bool = True) -> None:
-    """Encode each batch (keys, encoder input, per-entry metadata) and write one entry per output row."""
+         encode: Callable[[Any], Tensor | dict[str, Tensor]], total: int, description: str, show: bool = True) -> None:
+    """Encode each batch (keys, encoder input, per-entry metadata) and write one entry per output row (of each
+    tensor, when ``encode`` gives several by name; a lone tensor is named ``kind``)."""
     with tqdm(total=total, desc=description, unit="item", disable=not show, dynamic_ncols=True) as bar:
         for keys, inputs, metadata in batches:
             with torch.no_grad():
                 outputs = encode(inputs)
-            for key, row, meta in zip(keys, outputs, metadata):
-                cache.write(kind, key, row, meta)
+            named = {kind: outputs} if isinstance(outputs, Tensor) else outputs
+            for i, (key, meta) in enumerate(zip(keys, metadata)):
+                cache.write(kind, key, {name: t[i] for name, t in named.items()}, meta)
             bar.update(len(keys))

@@ -75,7 +75,7 @@ class Evaluator:
             the protocol says.
         protocol: prompts, allocation, seeds, reference fitting, diversity pooling and which metric is measured
             on which prompt type (None: `PaperProtocol`; `GenericProtocol` for data sets that are not the paper's).
-        sampler: how images are generated (None: DDIM, 25 steps, CFG 7, 512²).
+        sampler: how images are generated (None: DDIM, 25 steps, CFG 7, the base's own size: 512² for SD 1.5).
         image_encoder: fidelity and diversity embeddings (None: ``DINOv2()``).
         text_image_encoder: controllability (None: ``OpenCLIP()``, the paper's DataComp ViT-L/14).
         style_encoder: Gram-matrix features (None: ``VGG19()``).
@@ -135,16 +135,16 @@ class Evaluator:
         captions = [[s.tags for s in datamodule.samples if s.concept == c] for c in range(len(datamodule.concepts))]
         return self.protocol.suite(datamodule.concepts, captions, self.images, datamodule.keep_tokens)
 
-    def references(self, datamodule: HierarchicalDataModule, encoder: ImageEmbedder, device: torch.device
-                   ) -> dict[str, Tensor]:
+    def references(self, datamodule: HierarchicalDataModule, encoder: ImageEmbedder, device: torch.device,
+                   side: int) -> dict[str, Tensor]:
         """The class's dataset images embedded, per class key, whatever bucket the image trains in: letterboxed
-        into the encoder's square (its ``image_size``, else the sampler's resolution), or centre-cropped to the
-        sampler's resolution like the generated images, as the protocol says."""
+        into the encoder's square (its ``image_size``, else ``side``: the generated images'), or centre-cropped
+        to ``side`` like the generated images, as the protocol says."""
         if self.protocol.references == "letterbox":
-            size = int(getattr(encoder, "image_size", None) or self.sampler.resolution)
+            size = int(getattr(encoder, "image_size", None) or side)
             fit = letterbox
         else:
-            size, fit = self.sampler.resolution, square_crop
+            size, fit = side, square_crop
         out = {}
         for c, concept in enumerate(datamodule.concepts):
             paths = [s.path for s in datamodule.samples if s.concept == c]
@@ -188,7 +188,8 @@ class Evaluator:
             if rank != 0:
                 return EvaluationResult(epoch, step, [], {}, rate * world)
             if self._references is None:
-                self._references = self.references(datamodule, encoders.image, device)
+                self._references = self.references(datamodule, encoders.image, device,
+                                                   self.sampler.side(components))
             rows = table_rows(metric_values(suite, everything, self._references, self.protocol), run, config,
                               self.protocol.name, seed, epoch, step)
             write_metrics(folder / "metrics.csv", rows)

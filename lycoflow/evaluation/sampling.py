@@ -22,7 +22,7 @@ from ..models import Components
 
 
 class Sampler:
-    """How evaluation images are generated (paper: DDIM, 25 steps, CFG 7, 512²).
+    """How evaluation images are generated (paper: DDIM, 25 steps, CFG 7, 512²: SD 1.5's size).
 
     Args:
         scheduler: a diffusers scheduler class, built from the base model's noise schedule
@@ -30,26 +30,41 @@ class Sampler:
             ``diffusers.DPMSolverMultistepScheduler``, ...).
         steps: denoising steps.
         guidance_scale: classifier-free guidance; 1 turns it off (and halves the cost).
-        resolution: side of the square images.
+        resolution: side of the square images; None: the base model's own (`native_resolution`: 512 for SD 1.5,
+            768 for SD 2.x-v, 1024 for SDXL).
         negative_prompt: the unconditional prompt of classifier-free guidance.
         batch_size: images per UNet call.
     """
 
     def __init__(self, scheduler: type[SchedulerMixin] = DDIMScheduler, steps: int = 25, guidance_scale: float = 7.0,
-                 resolution: int = 512, negative_prompt: str = "", batch_size: int = 8) -> None:
+                 resolution: int | None = None, negative_prompt: str = "", batch_size: int = 8) -> None:
         for name, value in (("steps", steps), ("resolution", resolution), ("batch_size", batch_size)):
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"Sampler: {name}={value} must be >= 1")
-        if resolution % 8:
+        if resolution is not None and resolution % 8:
             raise ValueError(f"Sampler: resolution={resolution} must be a multiple of 8 (Stable Diffusion's VAE "
                              "downsampling)")
         self.scheduler, self.steps, self.guidance_scale = scheduler, steps, guidance_scale
         self.resolution, self.negative_prompt, self.batch_size = resolution, negative_prompt, batch_size
 
+    def side(self, parts: Components) -> int:
+        """The images' side for the model ``parts``: ``resolution``, or the model's own."""
+        return self.resolution or native_resolution(parts)
+
     def describe(self) -> dict[str, object]:
         """What decides the images (stored beside cached base images, to know when they are stale)."""
         return {"scheduler": self.scheduler.__name__, "steps": self.steps, "guidance_scale": self.guidance_scale,
                 "resolution": self.resolution, "negative_prompt": self.negative_prompt}
+
+
+def native_resolution(parts: Components) -> int:
+    """The image side a base model was trained at: its UNet's latent size times the VAE's downsampling."""
+    return parts.unet.config.sample_size * _downsampling(parts)
+
+
+def _downsampling(parts: Components) -> int:
+    # 8 for SD, 4 for the toy base (a multiple of 8, as Sampler checks, divides by either).
+    return 2 ** (len(parts.vae.config.block_out_channels) - 1)
 
 
 @torch.no_grad()
@@ -69,11 +84,10 @@ def sample(parts: Components, prompts: Sequence[str], seeds: Sequence[int], samp
         pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
     # SDXL's size conditioning: the image as it is generated, uncropped (diffusers' default too).
     rows = 2 * len(prompts) if guided else len(prompts)
-    r = sampler.resolution
+    r = sampler.side(parts)
     sizes = torch.tensor([[r, r, 0, 0, r, r]] * rows) if parts.is_sdxl else None
     condition = parts.unet_conditioning(context.to(device), None if pooled is None else pooled.to(device), sizes)
-    # The VAE's downsampling: 8 for SD, 4 for the toy base (a multiple of 8, as Sampler checks, divides by either).
-    side = sampler.resolution // 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    side = r // _downsampling(parts)
     channels = parts.unet.config.in_channels
     # One generator per image, on the CPU: the same seed gives the same noise on any device and in any batch.
     noise = [torch.randn((channels, side, side), generator=torch.Generator().manual_seed(s)) for s in seeds]

@@ -87,7 +87,8 @@ def extract(
     [r, in, k, k], up [out, r, 1, 1]), and alpha = rank (scale 1). Give ``rank`` (a fixed rank) or ``energy``
     (per layer, the smallest rank whose σ² hold that share of Σσ²); either is capped by the layer's own bound
     min(out, in·k·k). Layers whose largest |ΔW| is at most ``min_diff`` are skipped. The file has
-    `lycoris.save_file`'s keys (``lora_unet_*``, ``lora_te_text_model_*``) and kohya metadata.
+    `lycoris.save_file`'s keys (``lora_unet_*``, ``lora_te_text_model_*``; SDXL: ``lora_unet_<LDM path>``,
+    ``lora_te1_*``, ``lora_te2_*``) and kohya metadata.
 
     Args:
         base: the base model: Hub id, diffusers folder or single-file .safetensors checkpoint.
@@ -160,8 +161,11 @@ def extract(
                f"{'' if conv_rank is None else f', conv rank {conv_rank}'}): {len(ranks)} layers, "
                f"relative Frobenius error {error:.4g}")
     # Each layer's alpha is its rank (scale 1); with --energy the ranks vary and these are the largest.
+    schedule = base_parts.scheduler.config
     metadata = lycoris.kohya_metadata(args, linear_dim or conv_dim, None, base_parts.version, out.stem,
-                                      comment=comment)
+                                      comment=comment,
+                                      v_parameterization=schedule.get("prediction_type") == "v_prediction",
+                                      zero_terminal_snr=bool(schedule.get("rescale_betas_zero_snr")))
     path = lycoris.save_file(out, networks, metadata=metadata | {"lycoflow_version": __version__},
                              dtype=DTYPES[dtype])
     return Extracted(path, ranks, skipped, error, uncovered)

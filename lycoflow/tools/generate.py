@@ -108,7 +108,8 @@ def generate(
             omitted), the option repeated to stack several.
         seed: seed of the first image.
         images_per_prompt: images per prompt.
-        sampler: scheduler, steps, guidance, resolution, batch size; default: DDIM, 25 steps, CFG 7, 512².
+        sampler: scheduler, steps, guidance, resolution, batch size; default: DDIM, 25 steps, CFG 7, the base's own
+            size (512² for SD 1.5, 1024² for SDXL).
         max_token_length: prompt tokens the text encoder reads: 75 (CLIP's context), or 150/225 in chunks of 75
             as kohya's ``max_token_length`` (use what the adapter was trained with: the paper's recipes say 150).
         device: where to run; default: cuda when available, else cpu.
@@ -167,8 +168,8 @@ def generate(
     writer.writerows(rows)
     _write_atomic(out / "index.csv", table.getvalue())
     index = {"base": base, "adapters": [{"file": str(path), "weight": weight} for path, weight in files],
-             "sampler": sampler.describe(), "max_token_length": max_token_length, "seed": seed,
-             "images_per_prompt": images_per_prompt,
+             "sampler": sampler.describe() | {"resolution": sampler.side(parts)},
+             "max_token_length": max_token_length, "seed": seed, "images_per_prompt": images_per_prompt,
              "images": [{k: v for k, v in row.items() if k != "adapters"} for row in rows]}
     _write_atomic(out / "prompts.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
     return rows

@@ -109,8 +109,8 @@ def merge(
             (weight 1 when omitted), the option repeated to bake several, in order.
         out_diffusers: write a diffusers folder (a new folder): ``StableDiffusionPipeline.save_pretrained``
             layout, safetensors.
-        out_file: write one SD 1.x single-file .safetensors checkpoint (original LDM layout), the file A1111 and
-            ComfyUI load.
+        out_file: write one single-file .safetensors checkpoint (SD 1.x's original LDM layout, or SDXL's with
+            its v-prediction / zero-terminal-SNR markers), the file A1111 and ComfyUI load.
         dtype: dtype of the saved weights (merging itself runs in the loaded precision).
         config: for a single-file base: the diffusers folder or Hub id of the same architecture whose configs
             describe it (needed offline).
@@ -128,12 +128,12 @@ def merge(
     files = checked_adapters(adapters, required=True)
     readers = reading_algorithms(algorithms)
     parts = load_base(base, config)
-    if out_file is not None and parts.version != "sd_v1":
-        raise ValueError(f"--out-file writes the SD 1.x single-file layout, but {base} is {parts.version}: use "
-                         "--out-diffusers")
+    if out_file is not None and parts.version not in ("sd_v1", "sdxl_base_v1-0"):
+        raise ValueError(f"--out-file writes the SD 1.x and SDXL single-file layouts, but {base} is "
+                         f"{parts.version}: use --out-diffusers")
     changed = lycoris.merge_into(parts.adaptable(), files, algorithms=readers)
     if out_file is not None:
-        return save_single_file(out_file, parts.unet, parts.vae, parts.text_encoder, dtype=DTYPES[dtype]), changed
+        return save_single_file(out_file, parts, dtype=DTYPES[dtype]), changed
     for model in parts.modules():
         cast_frozen(model, DTYPES[dtype])
     out = Path(out_diffusers)
