@@ -214,16 +214,21 @@ _PEFT_SUFFIXES = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up
 def _kohya_tensors(tensors: dict[str, Tensor], config: Mapping[str, Any], prefixes: Collection[str]
                    ) -> dict[str, Tensor]:
     """The file's tensors under kohya's keys (``<prefix>_<path with _>.<suffix>``) where another trainer spelled
-    them: SimpleTuner's ``lycoris_<UNet diffusers path>``, and diffusers/PEFT's ``<part>.<path>.lora_A.weight``,
-    whose alphas diffusers keeps in the file's ``lora_adapter_metadata`` (``<part>.lora_alpha``, per-layer
-    ``<part>.alpha_pattern``, matched as PEFT does: ``config``); without it the scale is 1, as diffusers then
-    loads it."""
+    them: SimpleTuner's ``lycoris_<UNet diffusers path>``, SDXL's CLIP-L as ``lora_te_``, and diffusers/PEFT's
+    ``<part>.<path>.lora_A.weight``, whose alphas diffusers keeps in the file's ``lora_adapter_metadata``
+    (``<part>.lora_alpha``, per-layer ``<part>.alpha_pattern``, matched as PEFT does: ``config``); without it the
+    scale is 1, as diffusers then loads it."""
     out: dict[str, Tensor] = {}
     # The LyCORIS library names a bare model's layers ``lycoris_``: its own prefix when the caller gives it.
     simpletuner = "lycoris" not in prefixes and "lora_unet" in prefixes
+    # SDXL: an SD 1.x-style ``lora_te_`` is CLIP-L, as ComfyUI reads it (comfy/lora.py model_lora_keys_clip).
+    first_encoder = "lora_te1" in prefixes and "lora_te" not in prefixes
     for key, value in tensors.items():
         if simpletuner and key.startswith("lycoris_"):
             out["lora_unet_" + key.removeprefix("lycoris_")] = value
+            continue
+        if first_encoder and key.startswith("lora_te_"):
+            out["lora_te1_" + key.removeprefix("lora_te_")] = value
             continue
         part, _, rest = key.partition(".")
         suffix = next((s for s in _PEFT_SUFFIXES if rest.endswith("." + s)), None)

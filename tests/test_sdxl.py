@@ -1,6 +1,8 @@
 """The SDXL family's base model: the tiny SDXL built from config, loaded through the same code as real SDXL, and its
 UNet in the LDM (compvis) layout that single files and the UIs' adapter keys use."""
 
+import csv
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -396,7 +398,7 @@ def pipeline_parts(pipe):
 def test_an_sdxl_lora_file_loads_in_diffusers_and_diffusers_own_file_loads_back(strategy, tiny_sdxl_folder, tmp_path):
     """Our kohya-spelled SDXL file in diffusers' StableDiffusionXLPipeline.load_lora_weights gives our UNet and both
     encoders' outputs; the PEFT-format file diffusers then writes (its own spelling and alpha metadata), and the same
-    file in SimpleTuner's ``lycoris_`` spelling, load here to the same model."""
+    file in SimpleTuner's ``lycoris_`` spelling (CLIP-L as ``lora_te_``), load here to the same model."""
     from peft.utils import get_peft_model_state_dict
 
     parts = TinySDXL(folder=str(tiny_sdxl_folder)).load()
@@ -428,11 +430,11 @@ def test_an_sdxl_lora_file_loads_in_diffusers_and_diffusers_own_file_loads_back(
     written = load_file(peft_file)
     assert any(k.startswith("unet.down_blocks.") and k.endswith(".lora_A.weight") for k in written)
     assert any(k.startswith("text_encoder_2.") for k in written)
-    # SimpleTuner's LyCORIS spelling: the UNet's diffusers paths after "lycoris_" (the text encoders as kohya's).
+    # SimpleTuner's LyCORIS spelling: the UNet's diffusers paths after "lycoris_"; and CLIP-L as SD 1.x's lora_te_.
     to_diffusers = {lycoris_name("lora_unet", ldm): lycoris_name("lycoris", d)
                     for d, ldm in _ldm_truth(parts.unet).items()}
-    respelled = {f"{to_diffusers.get(k.split('.')[0], k.split('.')[0])}.{k.split('.', 1)[1]}": v
-                 for k, v in load_file(file).items()}
+    respelled = {f"{to_diffusers.get(k.split('.')[0], k.split('.')[0])}.{k.split('.', 1)[1]}".replace(
+        "lora_te1_", "lora_te_"): v for k, v in load_file(file).items()}
     assert any(k.startswith("lycoris_up_blocks_0_upsamplers_0_conv") for k in respelled) == bool(strategy.conv_dim)
     save_file(respelled, tmp_path / "lycoris-names.safetensors")
     for spelling in (peft_file, tmp_path / "lycoris-names.safetensors"):
@@ -525,3 +527,32 @@ def test_extract_against_an_sdxl_base_gives_back_the_merged_lora(tiny_sdxl_folde
     lycoris.load_file(result.path, fresh.adaptable())
     for got, want in zip(sdxl_inputs(fresh), sdxl_inputs(Pretrained(str(tuned)).load())):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_evaluation_runs_on_an_sdxl_fit_at_the_bases_own_size(tiny_sdxl_folder, synthetic_root, tmp_path):
+    """The Evaluation callback on a tiny-SDXL fit: images at the base's native size (the tiny SDXL's 64²) and the
+    metrics of every class, with no resolution given."""
+    import lightning as L
+
+    from callbacks import AdapterExport, Evaluation
+    from lycoflow.data import SyntheticConcepts
+    from lycoflow.evaluation import GenericProtocol
+    from lycoflow.metrics.encoders import TinyCLIP, TinyDINOv2, TinyVGG19
+
+    run = tmp_path / "run"
+    model = DiffusionFinetune(TinySDXL(folder=str(tiny_sdxl_folder)), lycoris.LoRA(dim=2))
+    data = SyntheticConcepts(root=str(synthetic_root), resolution=64, batch_size=8)
+    evaluation = Evaluation(images=1, protocol=GenericProtocol(prompt_types=["trigger"]),
+                            sampler=Sampler(steps=2, batch_size=16), image_encoder=TinyDINOv2(),
+                            text_image_encoder=TinyCLIP(), style_encoder=TinyVGG19())
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, default_root_dir=run,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_train_batches=1, limit_val_batches=0,
+                        callbacks=[AdapterExport(every_n_epochs=1), evaluation])
+    trainer.fit(model, datamodule=data)
+    images = sorted((run / "eval" / "epoch=1").rglob("*.png"))
+    assert len(images) == len(data.concepts) and Image.open(images[0]).size == (64, 64)
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["class"] for r in rows} == {c.class_name for c in data.concepts}
+    assert all(math.isfinite(float(r["value"])) for r in rows)
