@@ -556,3 +556,49 @@ def test_evaluation_runs_on_an_sdxl_fit_at_the_bases_own_size(tiny_sdxl_folder, 
         rows = list(csv.DictReader(f))
     assert {r["class"] for r in rows} == {c.class_name for c in data.concepts}
     assert all(math.isfinite(float(r["value"])) for r in rows)
+
+
+def test_an_sdxl_hub_id_loads_from_the_hugging_face_cache_offline(tiny_sdxl_folder, tmp_path):
+    import shutil
+
+    repo = tmp_path / "hub" / "models--someone--tiny-sdxl"  # huggingface_hub's layout: refs/main -> snapshots/<commit>
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_sdxl_folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    cached = Pretrained("someone/tiny-sdxl", cache_dir=str(tmp_path / "hub")).load()
+    assert cached.is_sdxl
+    for got, want in zip(sdxl_inputs(cached), sdxl_inputs(Pretrained(str(tiny_sdxl_folder)).load())):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_long_captions_on_sdxl_are_both_encoders_chunks_and_the_first_chunks_pooled_text(tiny_sdxl_folder):
+    """kohya's max_token_length on SDXL: each encoder reads 75-token chunks (the second padding with "!"), their
+    states joined; the pooled text is the first chunk's. A short caption's first chunk is its 75-token encoding."""
+    parts = Pretrained(str(tiny_sdxl_folder)).load()
+    long = replace(parts, max_token_length=150)
+    caption = ", ".join(f"tag{i}" for i in range(30))  # about 120 tokens: two chunks, the second padded
+    with torch.no_grad():
+        states, pooled = long.encode_prompt([caption, "zqx star, red"])
+        short_states, short_pooled = parts.encode_prompt([caption, "zqx star, red"])
+    assert states.shape == (2, 152, 32 + 48) and pooled.shape == (2, 32)
+    # Both: the first 75 tokens' pooled state (to float rounding: the encoders ran on 4 sequences, not 2).
+    torch.testing.assert_close(pooled, short_pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(states[:, :76], short_states[:, :76], atol=1e-5, rtol=1e-5)
+    assert (states[0, 76:] - states[1, 76:]).abs().max() > 1e-3  # the long caption's second chunk is read
+    ids_2 = long.tokenize([caption], long.tokenizer_2)
+    assert ids_2.shape == (1, 2, 77) and (ids_2[0, 1] == 0).any()  # CLIP-G's chunks pad with "!" (id 0)
+
+
+def test_the_overlays_memory_settings_train_on_the_tiny_sdxl(tiny_sdxl, tmp_path):
+    """bf16 frozen weights, gradient checkpointing of the UNet and both encoders, bf16 mixed precision: the
+    overlay as a GPU run uses it, here on the CPU (which runs bf16 autocast too)."""
+    cli = fit("recipes/lokr.yaml", [OVERLAY, *tiny_sdxl], tmp_path / "run", "--trainer.max_epochs=1",
+              "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0", "--trainer.precision=bf16-mixed",
+              *QUICK)
+    model = cli.model
+    assert model.unet.dtype == torch.bfloat16 and model.unet.is_gradient_checkpointing
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert all(p.dtype == torch.float32 for p in model.networks.parameters())  # adapters train in float32
+    # Every adapter starts at ΔW = 0: the second encoder's moved, trained through its checkpointed layers.
+    assert max(d.abs().max() for d in model.networks["lora_te2"].delta_weights().values()) > 0
