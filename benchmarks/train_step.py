@@ -66,7 +66,7 @@ import adapters as bench  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tiny.yaml"
-SD15_ALGORITHMS = ("LoRA", "LoKr")  # at adapters.py's paper defaults
+UNET_ALGORITHMS = ("LoRA", "LoKr")  # at adapters.py's paper defaults
 FLOOR = bench.FLOOR
 FIT_WARMUP = 3  # untimed fit steps: the first intervals include the loader's start and first allocations
 
@@ -233,7 +233,7 @@ def measure_unet(part: str, settings: bench.Settings) -> dict[str, Any]:
     device = settings.device
     block = UNETS[part](device)
     block.root.requires_grad_(False).train()
-    nets = {name: bench.make_network(block, name) for name in SD15_ALGORITHMS}  # left detached
+    nets = {name: bench.make_network(block, name) for name in UNET_ALGORITHMS}  # left detached
     inp = block.x.clone().requires_grad_()
 
     def step() -> None:

@@ -174,6 +174,16 @@ class Components:
         return self.text_encoder_2 is not None
 
     @property
+    def v_prediction(self) -> bool:
+        """The noise schedule's model predicts v (SD 2.x-v, NoobAI-v), not the noise."""
+        return self.scheduler.config.get("prediction_type") == "v_prediction"
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """The noise schedule is rescaled to zero SNR at its last step (Lin et al. 2024)."""
+        return bool(self.scheduler.config.get("rescale_betas_zero_snr"))
+
+    @property
     def version(self) -> str:
         """kohya's ``ss_base_model_version``: SDXL has two text encoders, SD 2.x 1024-wide cross-attention, SD 1.x
         768 (tiny: SD 1.x)."""
@@ -181,7 +191,7 @@ class Components:
             return "sdxl_base_v1-0"
         if self.unet.config.cross_attention_dim != 1024:
             return "sd_v1"
-        return "sd_v2_768_v" if self.scheduler.config.get("prediction_type") == "v_prediction" else "sd_v2_512"
+        return "sd_v2_768_v" if self.v_prediction else "sd_v2_512"
 
 
 class BaseModel:
@@ -195,8 +205,9 @@ class Pretrained(BaseModel):
     """A Stable Diffusion 1.x/2.x or SDXL model from the Hub, a local diffusers folder or a single checkpoint file.
 
     The family is read from the model: an SDXL folder lists ``text_encoder_2`` in its ``model_index.json``, an
-    SDXL single file holds ``conditioner.embedders.1.model.*``; a single file's empty ``v_pred`` / ``ztsnr``
-    tensors (NoobAI-style v-prediction SDXL) set the noise schedule's prediction type / zero terminal SNR.
+    SDXL single file holds ``conditioner.embedders.1.model.*``; an SDXL single file's empty ``v_pred`` tensor
+    (NoobAI-style v-prediction) sets the noise schedule's prediction type, and with it ``ztsnr`` zero terminal
+    SNR, as ComfyUI reads them (``comfy/supported_models.py`` ``SDXL.model_type``).
 
     Args:
         path: a Hub id (``stable-diffusion-v1-5/stable-diffusion-v1-5``; read from the Hugging Face cache
@@ -306,8 +317,8 @@ class Pretrained(BaseModel):
                 "Diffusion 1.x/2.x or SDXL checkpoint; offline, pass `config` (a diffusers folder of the same "
                 "architecture)"
             ) from None
-        # The checkpoint's own markers win over the configs it was read with (an SDXL base's say epsilon).
-        markers = ({"prediction_type": "v_prediction"} if V_PRED_MARKER in keys else {}) | (
+        # An SDXL checkpoint's own markers win over the configs it was read with (an SDXL base's say epsilon).
+        markers = {} if not sdxl or V_PRED_MARKER not in keys else {"prediction_type": "v_prediction"} | (
             {"rescale_betas_zero_snr": True} if ZTSNR_MARKER in keys else {})
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **markers) if markers else pipe.scheduler
         second = {"text_encoder_2": pipe.text_encoder_2, "tokenizer_2": pipe.tokenizer_2} if sdxl else {}
@@ -327,6 +338,9 @@ def _checkpoint_keys(path: Path, pickled: bool) -> set[str]:
                 return set(f.keys())
         except Exception as err:  # safetensors raises its own error types for malformed headers
             raise BaseModelError(f"{path}: not a readable safetensors checkpoint ({err})") from None
-    state = torch.load(path, map_location="cpu", weights_only=False)  # trust_pickle said yes
-    return set(state.get("state_dict", state))
+    try:  # trust_pickle said yes; the file is read again by diffusers (its loader takes no state dict)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise BaseModelError(f"{path}: not a readable checkpoint ({err})") from None
+    return set(state.get("state_dict", state) if isinstance(state, dict) else ())
 

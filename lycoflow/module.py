@@ -62,7 +62,7 @@ class DiffusionFinetune(L.LightningModule):
         lr: learning rate of the UNet's adapter (paper: 5e-4 for adapters, 1e-6 for native fine-tuning).
         text_encoder_lr: learning rate of the text encoder's adapter; None uses ``lr``.
         text_encoder_2_lr: SDXL: learning rate of the second text encoder's adapter; None uses the first's.
-        optimizer: the optimizer class and its arguments (its ``lr`` is replaced by the two above); None
+        optimizer: the optimizer class and its arguments (its ``lr`` is replaced by the rates above); None
             means AdamW(weight_decay=0.1, betas=(0.9, 0.99)); the paper's is `lycoflow.optim.AdamW8bit` with
             those arguments.
         lr_scheduler: a scheduler applied per step after the warmup; None keeps the rate constant.
@@ -123,6 +123,10 @@ class DiffusionFinetune(L.LightningModule):
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"the base model's scheduler predicts {self.prediction_type!r}; lycoflow trains "
                              "'epsilon' or 'v_prediction' models (set model.prediction_type to override)")
+        if self.prediction_type == "epsilon" and self.noise_scheduler.config.get("rescale_betas_zero_snr"):
+            raise ValueError("a zero-terminal-SNR schedule needs model.prediction_type=v_prediction: at its last "
+                             "step the latents are pure noise, so predicting the noise there says nothing (and "
+                             "min-SNR weighting divides by SNR 0); or set model.zero_terminal_snr=false")
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps={warmup_steps} must be >= 0")
         # SD's parts have no batch norm and zero dropout, so train mode changes nothing in them; it is what
@@ -332,8 +336,8 @@ class DiffusionFinetune(L.LightningModule):
         meta = lycoris.kohya_metadata(self.adapter.network_args(), self.adapter.dim, self.adapter.alpha,
                                       self.base_version, output_name, epoch=self.current_epoch + 1,
                                       steps=self.global_step, seed=self.seed,
-                                      v_parameterization=self.prediction_type == "v_prediction",
-                                      zero_terminal_snr=bool(self.noise_scheduler.config.get("rescale_betas_zero_snr")))
+                                      v_parameterization=self.components.v_prediction,
+                                      zero_terminal_snr=self.components.zero_terminal_snr)
         meta["lycoflow_version"] = __version__
         if self.recipe is not None:
             meta["lycoflow_recipe"] = self.recipe

@@ -153,6 +153,7 @@ def kohya_metadata(
         meta |= {"ss_v_parameterization": str(v_parameterization), "ss_zero_terminal_snr": str(zero_terminal_snr),
                  "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
                  "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+                 # sd-scripts' SDXL default where no training size is given (lycoflow's buckets vary).
                  "modelspec.title": output_name, "modelspec.resolution": "1024x1024",
                  "modelspec.prediction_type": "v" if v_parameterization else "epsilon"}
     return meta
@@ -231,6 +232,8 @@ def _kohya_tensors(tensors: dict[str, Tensor], config: Mapping[str, Any], prefix
             out["lora_te1_" + key.removeprefix("lora_te_")] = value
             continue
         part, _, rest = key.partition(".")
+        if part in _PEFT_PARTS and "lora_magnitude_vector" in rest:
+            raise ValueError(f"{key}: a diffusers/PEFT DoRA file, which is not read (only PEFT's plain LoRA is)")
         suffix = next((s for s in _PEFT_SUFFIXES if rest.endswith("." + s)), None)
         if part not in _PEFT_PARTS or suffix is None:
             out[key] = value
@@ -243,7 +246,10 @@ def _kohya_tensors(tensors: dict[str, Tensor], config: Mapping[str, Any], prefix
         alpha = next((a for pattern, a in patterns.items() if re.match(rf"(.*\.)?({pattern})$", path)),
                      config.get(f"{part}.lora_alpha"))
         if alpha is not None:
-            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+            rank = value.shape[0 if suffix == "lora_A.weight" else 1]
+            # rsLoRA scales by α/√r where kohya's alpha means α/r: the same scale is alpha·√r.
+            out[f"{name}.alpha"] = torch.tensor(float(alpha) * (rank ** 0.5 if config.get(f"{part}.use_rslora")
+                                                                else 1.0))
     return out
 
 
@@ -278,7 +284,11 @@ def _read(
         raise ValueError(f"{path}: refusing to load: NaN/inf values in {len(bad)} tensor(s), e.g. {bad[:3]}")
 
     groups: dict[str, dict[str, Tensor]] = {}
-    for key, value in _kohya_tensors(tensors, peft_config, modules).items():
+    try:
+        respelled = _kohya_tensors(tensors, peft_config, modules)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    for key, value in respelled.items():
         name, _, suffix = key.partition(".")
         groups.setdefault(name, {})[suffix] = value
     tables = {prefix: layers_by_name(module, prefix) for prefix, module in modules.items()}

@@ -98,6 +98,8 @@ def test_fit_writes_adapter_files_that_reproduce_the_trained_model(name, tiny, t
     assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in keys)
     assert any(k.startswith("lora_te_text_model_encoder_layers_0_") for k in keys)  # the name the UIs look up
     assert meta["ss_network_module"] == "lycoris.kohya" and meta["ss_base_model_version"] == "sd_v1"
+    # SDXL's metadata (prediction type, SAI model spec) is not written into SD 1.x files, which stay as they were.
+    assert not [k for k in meta if k.startswith(("ss_v_parameterization", "ss_zero_terminal_snr", "modelspec."))]
     assert json.loads(meta["ss_network_args"])["algo"] == name and meta["ss_epoch"] == "1"
     assert meta["ss_output_name"] == name
     recipe = yaml.safe_load(meta["lycoflow_recipe"])

@@ -175,9 +175,11 @@ class Evaluator:
             suite = self.suite(datamodule)
             epoch_folder = folder / "eval" / f"epoch={epoch}"
             if self._base_model is None:  # base images belong to this base model (weights and dtype) and sampler
+                # (SD 1.x: the digest as before SDXL, so existing base images stay found)
+                second = [module_digest(components.text_encoder_2)] if components.is_sdxl else []
                 self._base_model = module_digest(components.unet, module_digest(components.text_encoder),
-                                                 module_digest(components.vae))
-            base_folder = folder / "eval" / "base" / sampler_folder(self.sampler, self._base_model)
+                                                 module_digest(components.vae), *second)
+            base_folder = folder / "eval" / "base" / sampler_folder(self.sampler, self._base_model, components)
             rank_zero_info(f"evaluation at epoch {epoch} ({self.protocol.name} protocol): {len(suite)} images "
                            f"({len(self.protocol.prompt_types)} prompt types × {len(datamodule.concepts)} classes × "
                            f"{self.images}) into {epoch_folder}")

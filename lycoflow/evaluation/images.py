@@ -15,6 +15,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..cache import atomic_path
+from ..models import Components
 from .prompts import EvalPrompt
 from .sampling import Sampler
 
@@ -49,7 +50,9 @@ def base_image_path(folder: Path, prompt: EvalPrompt) -> Path:
     return folder / prompt.prompt_type / prompt.key / f"{prompt.index:04d}-{tag}.png"
 
 
-def sampler_folder(sampler: Sampler, base_model: str) -> str:
-    """Base images depend on the base model (a digest of its weights) and the sampler's settings: one folder per
-    pair, so a reused run folder never takes another model's images for this one's."""
-    return hashlib.sha256(json.dumps([base_model, sampler.describe()], sort_keys=True).encode()).hexdigest()[:12]
+def sampler_folder(sampler: Sampler, base_model: str, parts: Components) -> str:
+    """Base images depend on the base model (``base_model``: a digest of the weights of ``parts``) and the
+    sampler's settings: one folder per pair, so a reused run folder never takes another model's images for this
+    one's."""
+    settings = sampler.describe(parts)
+    return hashlib.sha256(json.dumps([base_model, settings], sort_keys=True).encode()).hexdigest()[:12]

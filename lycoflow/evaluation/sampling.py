@@ -51,10 +51,11 @@ class Sampler:
         """The images' side for the model ``parts``: ``resolution``, or the model's own."""
         return self.resolution or native_resolution(parts)
 
-    def describe(self) -> dict[str, object]:
-        """What decides the images (stored beside cached base images, to know when they are stale)."""
+    def describe(self, parts: Components) -> dict[str, object]:
+        """What decides the images of the model ``parts`` (stored beside cached base images, to know when they
+        are stale): the side as resolved for it, so a default sampler and an explicit 512 are the same."""
         return {"scheduler": self.scheduler.__name__, "steps": self.steps, "guidance_scale": self.guidance_scale,
-                "resolution": self.resolution, "negative_prompt": self.negative_prompt}
+                "resolution": self.side(parts), "negative_prompt": self.negative_prompt}
 
 
 def native_resolution(parts: Components) -> int:

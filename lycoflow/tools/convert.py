@@ -157,11 +157,10 @@ def to_ldm_state_dict(parts: Components) -> dict[str, Tensor]:
     if parts.text_encoder_2 is None:
         return state | text_encoder_to_ldm(parts.text_encoder)
     state |= text_encoder_to_ldm(parts.text_encoder, SDXL_CLIP_PREFIX) | open_clip_to_ldm(parts.text_encoder_2)
-    config = parts.scheduler.config
-    if config.get("prediction_type") == "v_prediction":
+    if parts.v_prediction:  # ComfyUI reads ztsnr only beside v_pred, as lycoflow.models.Pretrained does
         state[V_PRED_MARKER] = torch.tensor([])
-    if config.get("rescale_betas_zero_snr"):
-        state[ZTSNR_MARKER] = torch.tensor([])
+        if parts.zero_terminal_snr:
+            state[ZTSNR_MARKER] = torch.tensor([])
     return state
 
 

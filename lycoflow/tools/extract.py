@@ -161,11 +161,9 @@ def extract(
                f"{'' if conv_rank is None else f', conv rank {conv_rank}'}): {len(ranks)} layers, "
                f"relative Frobenius error {error:.4g}")
     # Each layer's alpha is its rank (scale 1); with --energy the ranks vary and these are the largest.
-    schedule = base_parts.scheduler.config
     metadata = lycoris.kohya_metadata(args, linear_dim or conv_dim, None, base_parts.version, out.stem,
-                                      comment=comment,
-                                      v_parameterization=schedule.get("prediction_type") == "v_prediction",
-                                      zero_terminal_snr=bool(schedule.get("rescale_betas_zero_snr")))
+                                      comment=comment, v_parameterization=base_parts.v_prediction,
+                                      zero_terminal_snr=base_parts.zero_terminal_snr)
     path = lycoris.save_file(out, networks, metadata=metadata | {"lycoflow_version": __version__},
                              dtype=DTYPES[dtype])
     return Extracted(path, ranks, skipped, error, uncovered)

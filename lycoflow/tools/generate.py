@@ -168,7 +168,7 @@ def generate(
     writer.writerows(rows)
     _write_atomic(out / "index.csv", table.getvalue())
     index = {"base": base, "adapters": [{"file": str(path), "weight": weight} for path, weight in files],
-             "sampler": sampler.describe() | {"resolution": sampler.side(parts)},
+             "sampler": sampler.describe(parts),
              "max_token_length": max_token_length, "seed": seed, "images_per_prompt": images_per_prompt,
              "images": [{k: v for k, v in row.items() if k != "adapters"} for row in rows]}
     _write_atomic(out / "prompts.json", json.dumps(index, indent=2, ensure_ascii=False) + "\n")
