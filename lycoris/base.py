@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -129,6 +130,15 @@ class Adapter(nn.Module):
     def channel_dim(self) -> int:
         """Where channels sit in activations: last for Linear (tokens), 1 for convolution maps."""
         return -1 if isinstance(self.base, nn.Linear) else 1
+
+    def positions(self, x: Tensor) -> tuple[int, int]:
+        """(input, output) positions of ``x``: tokens for Linear, batch × pixels for convolutions (output ones
+        estimated from the stride): what the factored paths' cost models count per call."""
+        if isinstance(self.base, nn.Linear):
+            positions = x.numel() // x.shape[-1]
+            return positions, positions
+        positions = x.numel() // x.shape[1]
+        return positions, max(1, positions // math.prod(self.base.stride))
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         return type(self.base).forward(self.base, x, *args, **kwargs)

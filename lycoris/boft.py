@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Strategy
-from .functional import butterfly_factor, capped, cayley, in_out
+from .base import Strategy
+from .functional import butterfly_factor, cayley, in_out
+from .rotation import RowRotation
 
 
-class BOFTAdapter(Adapter):
+class BOFTAdapter(RowRotation):
     signature = ("oft_blocks",)
-    no_weight_decay = ("rescale",)  # starts at 1: decaying it would shrink the rotated weight
 
     def __init__(self, base: nn.Module, block_size: int, constraint: float = 0.0, rescaled: bool = False,
                  **common):
@@ -28,10 +28,7 @@ class BOFTAdapter(Adapter):
         block_size, block_num = butterfly_factor(out_dim, block_size)
         self.block_size, self.block_num = block_size, block_num
         stages = block_num.bit_length()  # log2(block_num) + 1
-        self.oft_blocks = nn.Parameter(torch.zeros(stages, block_num, block_size, block_size))
-        if rescaled:
-            self.rescale = nn.Parameter(torch.ones(out_dim, *[1] * (base.weight.dim() - 1)))
-        self.register_buffer("alpha", torch.tensor(float(constraint)))
+        self._init_rotation((stages, block_num, block_size, block_size), constraint, rescaled)
 
     @classmethod
     def detects(cls, tensors: dict[str, Tensor]) -> bool:
@@ -48,23 +45,13 @@ class BOFTAdapter(Adapter):
             w = w.flatten(-2).unflatten(-1, (-1, k, 2)).transpose(-2, -1).flatten(-3)
         return w
 
-    def _delta(self) -> Tensor:
-        w0 = self.w0.to(self.oft_blocks.dtype)
-        rows_last = w0.flatten(1).T
-        rotated = self._rotate_rows(rows_last).T.reshape(w0.shape)
-        if hasattr(self, "rescale"):
-            rotated = rotated * self.rescale
-        return rotated - w0
+    @property
+    def rotation_cost(self) -> int:
+        return self.block_size * self.oft_blocks.shape[0]  # a b-wide block product per stage
 
-    def file_tensors(self) -> dict[str, Tensor]:
-        # The blocks as the cap leaves them (the same rotation): ComfyUI caps ‖Q‖ at alpha, A1111 and the LyCORIS
-        # library at alpha·out_dim, so only blocks no cap acts on read the same everywhere.
-        return {**super().file_tensors(), "oft_blocks": capped(self.oft_blocks.detach(), float(self.alpha))}
-
-    @classmethod
-    def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> BOFTAdapter:
-        return cls(base, tensors["oft_blocks"].shape[-1], float(tensors.get("alpha", torch.tensor(0.0))),
-                   rescaled="rescale" in tensors)
+    @property
+    def rotation_passes(self) -> int:
+        return 3 * self.oft_blocks.shape[0]  # per stage: gather, rotate, scatter
 
 
 class BOFT(Strategy):

@@ -12,6 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: How many multiply-adds one tensor entry written costs as much time as, in the factored paths' cost models
+#: (LoKr's reshapes, OFT/BOFT's rotated outputs). Elementwise passes, permutes and GEMMs with an 8-wide side are
+#: memory-bound; 20 reproduces which LoKr path wins in per-layer timings (forward and backward, 2 CPU cores) of
+#: the attn-mlp layer shapes of SD 1.5's UNet at 32×32 and 64×64 latents, but for a few within 20% of each other
+#: (320-channel MLP layers at 64×64).
+ENTRY_COST = 20
+
 #: Layer types an adapter can wrap. Grouped convolutions are excluded: no LyCORIS format describes them.
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

@@ -45,7 +45,8 @@ Conventions worth knowing:
   truncated to rank b reproduces it.
 - Training never builds what it need not: LoRA/LoCon, DyLoRA, GLoRA and (IA)³ run through their factors
   (bypass), LoKr applies w1 ⊗ w2 through reshapes, LoHa's ΔW goes through a memory-saving autograd function,
-  OFT/BOFT rotate the weight once per step; a merged network costs exactly the base model.
+  OFT/BOFT rotate the layer's output while training (the weight once per call where that is cheaper:
+  sampling over many positions); a merged network costs exactly the base model.
 """
 
 from __future__ import annotations

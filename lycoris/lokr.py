@@ -19,13 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter, Decomposable
-from .functional import factorization, in_out, kaiming_, kernel_size, layer_op, rebuild_tucker
-
-#: How many multiply-adds one tensor entry written costs as much time as. Elementwise passes, permutes and
-#: GEMMs with an 8-wide side are memory-bound; 20 reproduces which path wins in per-layer timings (forward and
-#: backward, 2 CPU cores) of the attn-mlp layer shapes of SD 1.5's UNet at 32×32 and 64×64 latents, but for
-#: a few within 20% of each other (320-channel MLP layers at 64×64).
-ENTRY_COST = 20
+from .functional import ENTRY_COST, factorization, in_out, kaiming_, kernel_size, layer_op, rebuild_tucker
 
 
 class LoKrAdapter(Adapter):
@@ -95,15 +89,6 @@ class LoKrAdapter(Adapter):
         w1 = w1.reshape(*w1.shape, *[1] * (w2.dim() - 2))
         return torch.kron(w1.contiguous(), w2.contiguous()) * self.scale
 
-    def _positions(self, x: Tensor) -> tuple[int, int]:
-        """(input, output) positions: tokens for Linear, batch × pixels for convolutions (output ones
-        estimated from the stride)."""
-        if isinstance(self.base, nn.Linear):
-            positions = x.numel() // x.shape[-1]
-            return positions, positions
-        positions = x.numel() // x.shape[1]
-        return positions, max(1, positions // math.prod(self.base.stride))
-
     def _reshape_costs(self, x: Tensor) -> tuple[int, int]:
         """Forward cost of (w1 ⊗ w2)·x through reshapes, w1 applied first and w2 applied first.
 
@@ -113,7 +98,7 @@ class LoKrAdapter(Adapter):
         """
         out_l, out_k, in_m, in_n = self.blocks
         out, inp, kk = out_l * out_k, in_m * in_n, math.prod(self.base.weight.shape[2:])
-        pos_in, pos_out = self._positions(x)
+        pos_in, pos_out = self.positions(x)
         w1_first = (pos_in * (out_l * inp + ENTRY_COST * (inp + 2 * out_l * in_n))
                     + pos_out * (out * in_n * kk + ENTRY_COST * 3 * out))
         w2_first = pos_out * (inp * out_k * kk + out * in_m + ENTRY_COST * (2 * in_m * out_k + 4 * out))
@@ -134,7 +119,7 @@ class LoKrAdapter(Adapter):
         out_l, out_k, in_m, in_n = self.blocks
         grad = torch.is_grad_enabled()
         dense = out_l * out_k * in_m * in_n * math.prod(self.base.weight.shape[2:])
-        weight_path = dense * (ENTRY_COST * (4 + 5 * grad) + grad * self._positions(x)[1])
+        weight_path = dense * (ENTRY_COST * (4 + 5 * grad) + grad * self.positions(x)[1])
         return (1 + 2 * grad) * min(self._reshape_costs(x)) < weight_path
 
     def _kron_forward(self, x: Tensor) -> Tensor:

@@ -3,8 +3,9 @@
 The output rows of W0 are split into ``block_num`` blocks of ``block_size`` (by `factorization(out, dim)`)
 and each block is rotated by a Cayley transform R = (I+Q)(I−Q)⁻¹ of a skew matrix Q = B − Bᵀ, B the
 trained ``oft_blocks`` (zero at start: R = I). As in LyCORIS and the UIs, a block of rows is mixed as
-Rᵀ·W. ``constraint`` (COFT) caps ‖Q‖; ``rescaled`` adds a learned per-row scale. ΔW = (rescale·RᵀW0) − W0,
-and the weight is rotated once per step (one small batched solve plus one einsum over W0).
+Rᵀ·W. ``constraint`` (COFT) caps ‖Q‖; ``rescaled`` adds a learned per-row scale. ΔW = (rescale·RᵀW0) − W0.
+Training rotates the layer's output instead of its weight (`lycoris.rotation.RowRotation`): block_size
+multiply-adds per output entry on top of the frozen op.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .base import Adapter, Strategy
-from .functional import capped, cayley, factorization, in_out
+from .base import Strategy
+from .functional import cayley, factorization, in_out
+from .rotation import RowRotation
 
 
-class OFTAdapter(Adapter):
+class OFTAdapter(RowRotation):
     signature = ("oft_blocks",)
-    no_weight_decay = ("rescale",)  # starts at 1: decaying it would shrink the rotated weight
 
     def __init__(self, base: nn.Module, block_size: int, constraint: float = 0.0, rescaled: bool = False,
                  **common):
@@ -27,10 +28,7 @@ class OFTAdapter(Adapter):
         if out_dim % block_size:
             raise ValueError(f"OFT block size {block_size} does not divide the {out_dim} output rows")
         self.block_size, self.block_num = block_size, out_dim // block_size
-        self.oft_blocks = nn.Parameter(torch.zeros(self.block_num, block_size, block_size))
-        if rescaled:
-            self.rescale = nn.Parameter(torch.ones(out_dim, *[1] * (base.weight.dim() - 1)))
-        self.register_buffer("alpha", torch.tensor(float(constraint)))
+        self._init_rotation((self.block_num, block_size, block_size), constraint, rescaled)
 
     @classmethod
     def detects(cls, tensors: dict[str, Tensor]) -> bool:
@@ -39,23 +37,18 @@ class OFTAdapter(Adapter):
     def rotation(self) -> Tensor:
         return cayley(self.oft_blocks, float(self.alpha))
 
-    def _delta(self) -> Tensor:
-        w0 = self.w0.to(self.oft_blocks.dtype)
-        blocks = w0.unflatten(0, (self.block_num, self.block_size))
-        rotated = torch.einsum("knm,kn...->km...", self.rotation(), blocks).flatten(0, 1)
-        if hasattr(self, "rescale"):
-            rotated = rotated * self.rescale
-        return rotated - w0
+    @property
+    def rotation_cost(self) -> int:
+        return self.block_size
 
-    def file_tensors(self) -> dict[str, Tensor]:
-        # The blocks as the cap leaves them (the same rotation): ComfyUI caps ‖Q‖ at alpha, A1111 and the LyCORIS
-        # library at alpha·out_dim, so only blocks no cap acts on read the same everywhere.
-        return {**super().file_tensors(), "oft_blocks": capped(self.oft_blocks.detach(), float(self.alpha))}
+    @property
+    def rotation_passes(self) -> int:
+        return 2  # the einsum's permuted input and its output
 
-    @classmethod
-    def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> OFTAdapter:
-        return cls(base, tensors["oft_blocks"].shape[-1], float(tensors.get("alpha", torch.tensor(0.0))),
-                   rescaled="rescale" in tensors)
+    def _rotate_rows(self, rows: Tensor) -> Tensor:
+        # Block k of rows n mixes as RᵀW: row m of the result is Σ_n R[k, n, m]·row n.
+        blocks = rows.unflatten(-1, (self.block_num, self.block_size))
+        return torch.einsum("knm,...kn->...km", self.rotation(), blocks).flatten(-2)
 
 
 class OFT(Strategy):

@@ -92,6 +92,85 @@ def test_lokr_picks_the_reshape_path_only_when_far_cheaper():
     assert not paper._cheaper_by_reshape(torch.randn(1, 1024, 320))  # measured slower on the SD slice
 
 
+ROTATIONS = {"oft": lycoris.OFT(dim=4), "oft_rescaled_constrained": lycoris.OFT(dim=4, rescaled=True, constraint=0.5),
+             "boft": lycoris.BOFT(dim=4), "boft_rescaled": lycoris.BOFT(dim=4, rescaled=True),
+             "oft_rank_dropout": lycoris.OFT(dim=4, rank_dropout=0.3)}
+
+
+@pytest.mark.parametrize("strategy", ROTATIONS.values(), ids=ROTATIONS.keys())
+@pytest.mark.parametrize("layer", [nn.Linear(24, 16), nn.Conv2d(24, 16, 3, stride=2, padding=1)],
+                         ids=["linear", "conv"])
+def test_rotating_the_output_equals_rotating_the_weight_in_float64(strategy, layer):
+    """OFT/BOFT's bypass (the frozen op, its output rotated) and the rebuilt weight compute the same outputs and
+    the same gradients for the input and every adapter parameter (float64, multiplier 0.7, training mode)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(copy.deepcopy(layer)).double()
+    net = strategy.apply(model)
+    adapter = net.adapters()[0]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    net.multiplier = 0.7
+    net.train()
+    x = torch.randn(3, 24, 5, 5, dtype=torch.float64) if isinstance(layer, nn.Conv2d) else \
+        torch.randn(3, 7, 24, dtype=torch.float64)
+    out = paths_agree(net, adapter, adapter._bypass_forward, x)
+    if not adapter.rank_dropout:  # whichever path the layer's own forward takes
+        torch.testing.assert_close(model(x), out, atol=1e-12, rtol=1e-10)
+
+
+def paths_agree(net, adapter, bypass, x):
+    """Outputs and gradients (input, every adapter parameter) of ``bypass`` and of the rebuilt weight."""
+    results = []
+    for path in (bypass, lycoris.Adapter._forward.__get__(adapter)):
+        torch.manual_seed(1)  # the same dropout masks on both paths
+        inp = x.clone().requires_grad_()
+        out = path(inp)
+        results.append((out, *torch.autograd.grad(out.square().sum(), [inp, *net.parameters()])))
+    for bypassed, rebuilt in zip(*results):
+        torch.testing.assert_close(bypassed, rebuilt, atol=1e-12, rtol=1e-10)
+    return results[0][0]
+
+
+@pytest.mark.parametrize("on_output", [False, True], ids=["per-column", "per-row"])
+@pytest.mark.parametrize("layer", [nn.Linear(24, 16), nn.Conv2d(24, 16, 3, stride=2, padding=1)],
+                         ids=["linear", "conv"])
+def test_dora_through_the_factors_equals_the_rebuilt_weight_in_float64(layer, on_output):
+    """DoRA's norms from the factors and its magnitudes as input/output scales: the outputs and every gradient
+    of the rebuilt m·(W0+ΔW)/‖W0+ΔW‖ (float64, multiplier 0.7)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(copy.deepcopy(layer)).double()
+    net = lycoris.LoRA(dim=4, alpha=2, weight_decompose=True, dora_on_output=on_output).apply(model)
+    adapter = net.adapters()[0]
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    net.multiplier = 0.7
+    x = torch.randn(3, 24, 5, 5, dtype=torch.float64) if isinstance(layer, nn.Conv2d) else \
+        torch.randn(3, 7, 24, dtype=torch.float64)
+    out = paths_agree(net, adapter, adapter._dora_forward, x)
+    torch.testing.assert_close(model(x), out, atol=1e-12, rtol=1e-10)  # whichever path the layer's forward takes
+    conv = lycoris.LoRA(dim=8, weight_decompose=True).apply(nn.Sequential(nn.Conv2d(320, 320, 3, padding=1)))
+    square = lycoris.LoRA(dim=8, weight_decompose=True).apply(nn.Sequential(nn.Linear(320, 320)))
+    assert conv.adapters()[0]._factors_cheaper(torch.randn(1, 320, 32, 32))  # the weight is the larger
+    assert not square.adapters()[0]._factors_cheaper(torch.randn(1, 1024, 320))  # the activations are
+
+
+def test_rotations_rotate_the_output_where_the_weight_is_large_against_the_positions():
+    """The choices measured on SD 1.5's slice (benchmarks/adapters.py): 3×3 convolutions and few-token layers rotate
+    their output in training; 320-wide Linear layers over 1024 tokens, and sampling over many positions, rotate
+    the weight."""
+    def oft(layer):
+        return lycoris.OFT(dim=4).apply(nn.Sequential(layer)).adapters()[0]
+
+    conv, square, keys = oft(nn.Conv2d(320, 320, 3, padding=1)), oft(nn.Linear(320, 320)), oft(nn.Linear(768, 320))
+    assert conv._bypass_cheaper(torch.randn(1, 320, 32, 32))
+    assert not square._bypass_cheaper(torch.randn(1, 1024, 320))
+    assert keys._bypass_cheaper(torch.randn(1, 77, 768))  # cross-attention's keys over the 77 text tokens
+    with torch.no_grad():  # sampling: one rotated weight beats rotating 8192 positions
+        assert not conv._bypass_cheaper(torch.randn(8, 320, 32, 32))
+
+
 def test_boft_error_names_the_layer_and_the_sizes_that_work():
     model = nn.Sequential(nn.Linear(8, 320))
     with pytest.raises(ValueError, match=r"lora_unet_0 .*BOFT cannot factor dimension 320 with dim=4.*\[10, 20, 40"):
