@@ -10,7 +10,8 @@ Text-encoder keys are always written as ``lora_te_text_model_encoder_…``, also
 spellings load. SDXL files carry ``lora_unet`` with the UNet's LDM (compvis) paths and ``lora_te1`` (CLIP-L) /
 ``lora_te2`` (CLIP-G), as kohya's sd-scripts writes them. Other trainers' spellings are read too: diffusers
 paths after ``lora_unet_``, SimpleTuner's ``lycoris_<diffusers path>``, and diffusers/PEFT LoRA files
-(``unet.<path>.lora_A.weight``, ``text_encoder.…``, ``text_encoder_2.…``; no alpha means scale 1).
+(``unet.<path>.lora_A.weight``, ``text_encoder.…``, ``text_encoder_2.…``; alphas from diffusers'
+``lora_adapter_metadata``, scale 1 without it).
 
 Reading groups keys by layer, finds the layer in the given models under either spelling of its path,
 recognises the algorithm from the suffixes (`Adapter.signature`; a user's algorithm by its adapter class or
@@ -45,8 +46,9 @@ Conventions worth knowing:
   truncated to rank b reproduces it.
 - Training never builds what it need not: LoRA/LoCon, DyLoRA, GLoRA and (IA)³ run through their factors
   (bypass), LoKr applies w1 ⊗ w2 through reshapes, LoHa's ΔW goes through a memory-saving autograd function,
-  OFT/BOFT rotate the layer's output while training (the weight once per call where that is cheaper:
-  sampling over many positions); a merged network costs exactly the base model.
+  OFT/BOFT rotate the layer's output and DoRA on LoRA/LoCon runs through its factors where their cost models
+  say that is cheaper (3×3 convolutions, few-token layers), else the weight is rebuilt once per call; a merged
+  network costs exactly the base model.
 """
 
 from __future__ import annotations
@@ -62,7 +64,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file as _load_tensors
 from safetensors.torch import save_file as _save_tensors
 from torch import Tensor, nn
 
@@ -268,10 +269,10 @@ def _read(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file not found: {path}")
-    try:
-        tensors = _load_tensors(str(path))
+    try:  # one open for the tensors and diffusers' LoRA settings in the metadata
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
     except Exception as err:  # safetensors raises its own error types for malformed headers
         raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     if not tensors:  # would load, generate and merge as if it were an adapter, changing nothing

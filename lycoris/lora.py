@@ -4,11 +4,12 @@
 ``use_tucker`` it is split into 1×1 down, k×k ``mid`` (r×r) and 1×1 up. Training and unmerged inference
 run the bypass ``base(x) + m·α/r·up(mid(down(x)))`` and never build ΔW.
 
-DoRA runs through the factors too (`LoRAAdapter._dora_forward`): the norms of W0 + ΔW per input column (or output
+DoRA runs through the factors too where the weight is larger than the activations (`LoRAAdapter._dora_forward`,
+chosen by `_factors_cheaper`: 3×3 convolutions, few-token layers): the norms of W0 + ΔW per input column (or output
 row) expand as ‖w‖² + 2s⟨w, Δw⟩ + s²‖Δw‖², each term at rank cost (W0ᵀ·up or W0·downᵀ, and the r×r Gram matrix
 of the other factor), and the magnitudes then scale the layer's input (per column) or output (per row), which
-commutes with the layer's op. Only Tucker factors and training-time dropouts, which act on ΔW's entries, rebuild
-the weight.
+commutes with the layer's op. Elsewhere, and with Tucker factors or training-time dropouts (which act on ΔW's
+entries), the weight is rebuilt.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The output rows of W0 are split into ``block_num`` blocks of ``block_size`` (by 
 and each block is rotated by a Cayley transform R = (I+Q)(I−Q)⁻¹ of a skew matrix Q = B − Bᵀ, B the
 trained ``oft_blocks`` (zero at start: R = I). As in LyCORIS and the UIs, a block of rows is mixed as
 Rᵀ·W. ``constraint`` (COFT) caps ‖Q‖; ``rescaled`` adds a learned per-row scale. ΔW = (rescale·RᵀW0) − W0.
-Training rotates the layer's output instead of its weight (`lycoris.rotation.RowRotation`): block_size
-multiply-adds per output entry on top of the frozen op.
+Where a cost model says so, the layer's output is rotated instead of its weight (`lycoris.rotation.RowRotation`):
+block_size multiply-adds per output entry on top of the frozen op.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 Because R mixes output rows only, W'x = rescale ⊙ R(W0·x): the adapted layer can run the frozen op and rotate its
 *output* (the bypass path), positions·out·c multiply-adds for a rotation of c per entry, instead of rotating the
 weight (out·in·k²·c) and training through a rebuilt weight, whose gradient dL/dW' costs positions·out·in·k² more.
-`RowRotation._bypass_cheaper` picks per call; training almost always bypasses, sampling without gradients over
-many positions rebuilds (the weight once beats every position). Both paths compute the same function
+`RowRotation._bypass_cheaper` picks per call: training rotates the output of 3×3 convolutions and of layers over
+few positions, and rebuilds the weight of Linear layers over many tokens (SD 1.5's 320-wide ones over 1024) and
+when sampling without gradients over many positions. Both paths compute the same function
 (tests/test_algorithms.py checks outputs and gradients in float64).
 """
 
