@@ -33,11 +33,18 @@ is the median over rounds of its time over the floor's in the same round.
   2 cores; the ratios of the deep, wide levels (where SDXL's adapters sit) carry over, the first level's
   convolutions weigh less than at 1024².
 
+- ``bases``: the ``sd15`` UNet and cases with the frozen base stored three ways: ``float32`` (float32 compute),
+  ``bfloat16`` (weights in bf16, bf16 autocast) and ``int8`` (``lycoris.quantize_frozen``: int8 weights, one
+  scale per output channel, dequantised per layer into bf16; bf16 autocast) — the three models side by side,
+  all nine cases in one round-robin. Printed per case: seconds per step, **step / floor** (its own base's floor),
+  **step / bf16**: against the same case on the bf16 base, and **memory**: the base's weight bytes plus the
+  step's peak (as above), in MiB and against the float32 floor's. Needs torchao.
+
 A ratio of 1.30x means a training step costs 30% more than the forward and backward the frozen model needs
 anyway; absolute times depend on the machine, the ratios much less. On CPU other work on the machine skews
 them (see the load in the header; ``--threads 1`` is steadier).
 
-    python benchmarks/train_step.py [--quick] [--parts quickstart sd15 sdxl] [--rounds N] [--budget S]
+    python benchmarks/train_step.py [--quick] [--parts quickstart sd15 sdxl bases] [--rounds N] [--budget S]
                                     [--fit-steps N] [--threads N] [--device cpu|cuda] [--bf16] [--json PATH]
 """
 
@@ -274,9 +281,89 @@ def print_unet(part: str, raw: dict[str, Any]) -> dict[str, dict[str, float]]:
     return ratios
 
 
+# -- the frozen base in float32, bf16 and int8 -----------------------------------------------------------------
+BASES = ("float32", "bfloat16", "int8")
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes the module's weights take: an 8-bit weight counts its int8 values and its scales."""
+    def size(t: Tensor) -> int:
+        parts = [t.qdata, t.scale] if hasattr(t, "qdata") else [t]
+        return sum(p.numel() * p.element_size() for p in parts)
+
+    return sum(size(p) for p in module.parameters())
+
+
+def measure_bases(settings: bench.Settings) -> dict[str, Any]:
+    import lycoris
+
+    device = settings.device
+    blocks, nets = {}, {}
+    for base in BASES:
+        block = build_sd15_unet(device)  # seed 0: the same weights each time
+        block.root.requires_grad_(False).train()
+        if base != "float32":
+            block.root.to(torch.bfloat16)
+        if base == "int8":
+            lycoris.quantize_frozen(block.root)
+        blocks[base] = block
+        nets[base] = {name: bench.make_network(block, name) for name in UNET_ALGORITHMS}
+    inputs = {base: block.x.clone().requires_grad_() for base, block in blocks.items()}
+    current = {"base": BASES[0]}
+
+    def step() -> None:
+        base = current["base"]
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=base != "float32"):
+            loss = blocks[base].forward(inputs[base]).float().square().mean()
+        loss.backward()
+
+    def case(base: str, net: lycoris.Network | None) -> bench.Case:
+        def setup() -> None:
+            current["base"] = base
+            if net is not None:
+                bench.attach(net)
+
+        def teardown() -> None:
+            if net is not None:
+                bench.detach(net)
+            inputs[base].grad = None
+
+        return bench.Case(setup, teardown)
+
+    cases = {f"{base} {name}": case(base, None if name == FLOOR else nets[base][name])
+             for base in BASES for name in (FLOOR, *UNET_ALGORITHMS)}
+    times = bench.round_robin(cases, step, settings)
+    memory = {}
+    for name, c in cases.items():
+        c.setup()
+        memory[name] = weight_bytes(blocks[current["base"]].root) + bench.peak_bytes(step, device)
+        c.teardown()
+    return {"step_s": times, "total_bytes": memory,
+            "weight_bytes": {base: weight_bytes(block.root) for base, block in blocks.items()}}
+
+
+def print_bases(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
+    times, memory = raw["step_s"], raw["total_bytes"]
+    weights = ", ".join(f"{base} {n / 2**20:.0f} MiB" for base, n in raw["weight_bytes"].items())
+    print(f"bases: SD 1.5-shaped UNet, batch 1, 32×32 latents, preset attn-mlp, rounds: {len(times['float32 floor'])}; "
+          f"weights: {weights}")
+    print(f"{'case':<18}{'s/step':>9}{'step/floor':>13}{'step/bf16':>12}{'memory MiB':>13}{'/fp32 floor':>14}")
+    ratios = {}
+    reference = memory["float32 floor"]
+    for name in times:
+        base, algorithm = name.split(" ")
+        own = statistics.median(t / f for t, f in zip(times[name], times[f"{base} {FLOOR}"]))
+        bf16 = statistics.median(t / f for t, f in zip(times[name], times[f"bfloat16 {algorithm}"]))
+        ratios[name] = {"step": own, "step_vs_bf16": bf16, "memory": memory[name] / reference}
+        print(f"{name:<18}{statistics.median(times[name]):>9.2f}{own:>12.2f}x{bf16:>11.2f}x"
+              f"{memory[name] / 2**20:>13.0f}{ratios[name]['memory']:>13.2f}x", flush=True)
+    return ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["quickstart", *UNETS], default=["quickstart", "sd15"])
+    parser.add_argument("--parts", nargs="+", choices=["quickstart", *UNETS, "bases"],
+                        default=["quickstart", "sd15"])
     parser.add_argument("--rounds", type=int, default=2, help="sd15, sdxl: at least this many timed rounds")
     parser.add_argument("--budget", type=float, default=8.0,
                         help="seconds of timed rounds per part: more rounds while they fit (quickstart: at least 5)")
@@ -291,7 +378,7 @@ def main() -> None:
     budget = 1.0 if args.quick else args.budget
     settings = {"quickstart": bench.Settings(args.device, args.bf16, 3 if args.quick else 5, budget),
                 **{part: bench.Settings(args.device, args.bf16, 1 if args.quick else args.rounds, budget)
-                   for part in UNETS}}
+                   for part in (*UNETS, "bases")}}
     fit_steps = 5 if args.quick else args.fit_steps
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -305,6 +392,9 @@ def main() -> None:
         if part == "quickstart":
             raw = measure_quickstart(settings[part], fit_steps)
             results[part] = {"raw": raw, "ratios": print_quickstart(raw)}
+        elif part == "bases":
+            raw = measure_bases(settings[part])
+            results[part] = {"raw": raw, "ratios": print_bases(raw)}
         else:
             raw = measure_unet(part, settings[part])
             results[part] = {"raw": raw, "ratios": print_unet(part, raw)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import logging
 import sys
 
 __version__ = "0.1.0"
@@ -41,3 +42,20 @@ class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 sys.meta_path.append(_Moved())
+
+
+class _ImportNotices(logging.Filter):
+    """Drops the notices the optional extras set off at import, about features lycoflow does not use: torchao 0.18
+    (the 8-bit base) in torch and diffusers whenever diffusers is imported (registering enums for torch.compile;
+    loading torchao-pickled checkpoints through diffusers) and bitsandbytes 0.50 on a CPU (its 4-bit matmul).
+    Without this every run's log opens with four warnings."""
+
+    NOTICES = ("is an Enum subclass and is now natively supported by torch.compile",
+               "Unable to import `torchao` Tensor objects", "Failed to load CPU gemm_4bit_forward")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(notice in str(record.msg) for notice in self.NOTICES)
+
+
+for _name in ("torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer", "bitsandbytes.backends.cpu.ops"):
+    logging.getLogger(_name).addFilter(_ImportNotices())

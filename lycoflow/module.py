@@ -26,6 +26,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 import lycoris
 
@@ -79,6 +80,15 @@ class DiffusionFinetune(L.LightningModule):
         weight_dtype: storage dtype of the frozen UNet and text-encoder weights; bfloat16/float16 halve their
             memory (adapters stay float32; run the Trainer with ``precision: bf16-mixed``). The VAE stays
             float32: SD's VAE overflows in float16.
+        quantize_base: ``int8`` stores the frozen Linear and convolution weights of the UNet and text encoders in
+            8 bits (torchao's weight-only int8, one scale per output channel; ``pip install 'lycoflow[quantize]'``),
+            a quarter of their float32 memory, dequantised per layer as they run (into ``weight_dtype``).
+            Adapters add their terms on top; algorithms that rebuild the weight (LoHa, GLoRA, Full, DoRA) build it
+            from the dequantised W0 per layer. The base then differs from the original by int8 rounding, and
+            the adapter is trained against that base (saved files are as always).
+        compile: ``torch.compile`` the UNet, the adapters inside it included: one graph for every algorithm (no
+            break per layer), but DyLoRA and ``module_dropout``, whose random rank or skip per step ends the graph
+            at each adapter. The first step compiles (and evaluation's sampling once more), which takes minutes.
         seed: seed of the noise and timesteps; each batch's draw depends only on (seed, epoch, batch), so a
             resumed run draws exactly what an uninterrupted one does.
     """
@@ -103,6 +113,8 @@ class DiffusionFinetune(L.LightningModule):
         noise_offset: float = 0.0,
         gradient_checkpointing: bool = False,
         weight_dtype: DType = "float32",
+        quantize_base: lycoris.Quantization | None = None,
+        compile: bool = False,
         seed: int = 0,
     ):
         super().__init__()
@@ -136,6 +148,14 @@ class DiffusionFinetune(L.LightningModule):
         self.text_encoder = cast_frozen(parts.text_encoder.requires_grad_(False).train(), DTYPES[weight_dtype])
         self.text_encoder_2 = None if parts.text_encoder_2 is None else \
             cast_frozen(parts.text_encoder_2.requires_grad_(False).train(), DTYPES[weight_dtype])
+        if quantize_base is not None:  # before the adapters: DoRA's magnitudes start at the stored base's norms
+            for part in (self.unet, self.text_encoder, self.text_encoder_2):
+                if part is not None:
+                    lycoris.quantize_frozen(part, quantize_base)
+            # DDP broadcasts every parameter from rank 0 at the start, which an int8 tensor cannot take part in;
+            # each rank built the same frozen base anyway.
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, [
+                f"{name}.weight" for name, layer in self.named_modules() if isinstance(layer, lycoris.Quantized)])
         self.unet.set_attn_processor(AttnProcessor2_0())  # torch's scaled_dot_product_attention (flash/mem-eff)
 
         self.lr, self.text_encoder_lr = lr, lr if text_encoder_lr is None else text_encoder_lr
@@ -158,6 +178,8 @@ class DiffusionFinetune(L.LightningModule):
             self.unet.enable_gradient_checkpointing()
             for _, _, module, _, _ in parts_to_adapt[1:]:
                 module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile:  # in place: the module (its config, its state dict's names) stays what the rest uses
+            self.unet.compile()
 
         self.train_text_encoder = train_text_encoder
         self.optimizer_factory, self.lr_scheduler_factory, self.warmup_steps = optimizer, lr_scheduler, warmup_steps

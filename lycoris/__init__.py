@@ -29,14 +29,14 @@ from .lokr import LoKr, LoKrAdapter
 from .lora import LoRA, LoRAAdapter
 from .norm import NormAdapter
 from .oft import OFT, OFTAdapter
+from .quantize import Quantization, Quantized, quantize_frozen
 from .targeting import PRESETS
 
 __all__ = [
     "ALGORITHMS", "Adapter", "Algorithm", "BOFT", "BOFTAdapter", "Decomposable", "DyLoRA", "DyLoRAAdapter", "Full",
-    "FullAdapter",
-    "GLoRA", "GLoRAAdapter", "IA3", "IA3Adapter", "LayerExtraction", "LayerPair", "LoHa", "LoHaAdapter", "LoKr",
-    "LoKrAdapter", "LoRA", "LoRAAdapter", "Network", "NormAdapter", "OFT", "OFTAdapter", "PRESETS", "Strategy",
-    "adapter_classes",
-    "butterfly_factor", "changed_tensors", "extract_layer", "factorization", "kohya_metadata", "layer_pairs",
-    "load_file", "lowrank_factors", "merge_into", "mismatched_tensors", "save_file",
+    "FullAdapter", "GLoRA", "GLoRAAdapter", "IA3", "IA3Adapter", "LayerExtraction", "LayerPair", "LoHa",
+    "LoHaAdapter", "LoKr", "LoKrAdapter", "LoRA", "LoRAAdapter", "Network", "NormAdapter", "OFT", "OFTAdapter",
+    "PRESETS", "Quantization", "Quantized", "Strategy", "adapter_classes", "butterfly_factor", "changed_tensors",
+    "extract_layer", "factorization", "kohya_metadata", "layer_pairs", "load_file", "lowrank_factors", "merge_into",
+    "mismatched_tensors", "quantize_frozen", "save_file",
 ]

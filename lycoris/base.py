@@ -28,6 +28,7 @@ from .functional import (
     row_norm,
     weight_decompose,
 )
+from .quantize import Quantized, dense_weight
 from .targeting import PRESETS, Preset, file_namer, matches, norm_layers, supported_layers
 
 
@@ -76,10 +77,27 @@ class Adapter(nn.Module):
         self.weight_decompose = weight_decompose
         if weight_decompose:
             norm = row_norm if dora_on_output else column_norm
-            self.dora_scale = nn.Parameter(norm(base.weight.detach().float()))
+            self.dora_scale = nn.Parameter(norm(dense_weight(base).detach().float()))
+        #: Values of the hyperparameters the file stores as tensors (`register_constant`), read by the forward.
+        self._constants: dict[str, float] = {}
+        self.register_load_state_dict_post_hook(lambda module, keys: module._read_constants())
         # While merged: (multiplier, original weight, original bias), so that unmerge is exact.
         self._merged: tuple[float, Tensor, Tensor | None] | None = None
         self._saved_requires_grad: list[bool] = []
+
+    def register_constant(self, name: str, value: float, dtype: torch.dtype = torch.float32) -> None:
+        """A hyperparameter the file stores as a tensor (``alpha``, ``on_input``): a buffer, so that it is in the
+        state dict and the file, whose value the forward reads as a Python number. Reading the tensor per call
+        (``float(self.alpha)``) would end torch.compile's graph at every adapter; loading a state dict updates
+        both."""
+        self.register_buffer(name, torch.tensor(value, dtype=dtype))
+        self._constants[name] = float(value)
+
+    def constant(self, name: str) -> float:
+        return self._constants[name]
+
+    def _read_constants(self) -> None:
+        self._constants = {name: float(getattr(self, name)) for name in self._constants}
 
     # -- ΔW -------------------------------------------------------------------------------------------
     def _delta(self) -> Tensor:
@@ -93,7 +111,7 @@ class Adapter(nn.Module):
     @property
     def w0(self) -> Tensor:
         """The layer's original weight, also while ΔW is merged into it."""
-        return self.base.weight if self._merged is None else self._merged[1]
+        return dense_weight(self.base) if self._merged is None else self._merged[1]
 
     def _decompose(self, delta: Tensor) -> Tensor:
         if not self.weight_decompose:
@@ -156,9 +174,15 @@ class Adapter(nn.Module):
         return layer_op(self.base, x.to(weight.dtype) if x.is_floating_point() else x, weight, self.adapted_bias())
 
     # -- merge ----------------------------------------------------------------------------------------
+    def _check_mergeable(self) -> None:
+        if isinstance(self.base, Quantized):
+            raise ValueError(f"{self.name}: cannot merge into a base stored in 8 bits (an int8 weight cannot hold "
+                             "W0 + ΔW); keep the adapter attached, or merge into the full-precision model")
+
     @torch.no_grad()
     def bake(self, multiplier: float) -> None:
         """Add multiplier·ΔW (and Δb) to the base layer for good."""
+        self._check_mergeable()
         weight, bias, db = self.base.weight, self.base.bias, self.delta_bias()
         weight.add_((multiplier * self.delta_weight()).to(weight.dtype))
         if db is not None:
@@ -170,6 +194,7 @@ class Adapter(nn.Module):
         bit for bit; `lycoris.merge_into` bakes without keeping it."""
         if self._merged is not None:
             return
+        self._check_mergeable()
         bias = self.base.bias if self.delta_bias() is not None else None
         originals = (self.base.weight.clone(), None if bias is None else bias.clone())
         self.bake(self.multiplier)

@@ -37,7 +37,7 @@ class BOFTAdapter(RowRotation):
     def _rotate_rows(self, w: Tensor) -> Tensor:
         """Apply the butterfly rotation to the last dimension of ``w`` (the output rows)."""
         b, half = self.block_size, self.block_size // 2
-        for stage, r in enumerate(cayley(self.oft_blocks, float(self.alpha))):
+        for stage, r in enumerate(cayley(self.oft_blocks, self.constant("alpha"))):
             k = 2**stage * half
             # Gather rows k apart into adjacent pairs, then blocks of b; rotate; scatter back.
             w = w.unflatten(-1, (-1, 2, k)).transpose(-2, -1).flatten(-3).unflatten(-1, (-1, b))

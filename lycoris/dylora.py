@@ -25,7 +25,7 @@ class DyLoRAAdapter(LoRAAdapter):
             return super()._forward(x)
         blocks = self.dim // self.block_size
         b = self.block_size * int(torch.randint(1, blocks + 1, ()))
-        return self._add_bypass(x, self.lora_down.weight[:b], self.lora_up.weight[:, :b], float(self.alpha) / b)
+        return self._add_bypass(x, self.lora_down.weight[:b], self.lora_up.weight[:, :b], self.constant("alpha") / b)
 
 
 class DyLoRA(Strategy):

@@ -18,7 +18,7 @@ class FullAdapter(Adapter):
 
     def __init__(self, base: nn.Module, **common):
         super().__init__(base, **common)
-        self.diff = nn.Parameter(torch.zeros_like(base.weight, dtype=torch.float32))
+        self.diff = nn.Parameter(torch.zeros(base.weight.shape, device=base.weight.device))
         if base.bias is not None:
             self.diff_b = nn.Parameter(torch.zeros_like(base.bias, dtype=torch.float32))
 

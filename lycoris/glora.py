@@ -28,12 +28,12 @@ class GLoRAAdapter(Adapter):
         nn.init.zeros_(self.a2.weight)
         kaiming_(self.b1.weight)
         nn.init.zeros_(self.b2.weight)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.register_constant("alpha", float(alpha))
         self.dim = dim
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.dim
+        return self.constant("alpha") / self.dim
 
     def _delta(self) -> Tensor:
         w0 = self.w0.to(self.a1.weight.dtype)

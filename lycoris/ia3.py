@@ -24,17 +24,17 @@ class IA3Adapter(Adapter):
         # LyCORIS' file shapes: (size,) for Linear, (1, size, 1[, 1]) for convolutions.
         shape = (size,) if isinstance(base, nn.Linear) else (1, size, *[1] * (base.weight.dim() - 2))
         self.weight = nn.Parameter(torch.zeros(shape))
-        self.register_buffer("on_input", torch.tensor(int(train_on_input)))
+        self.register_constant("on_input", int(train_on_input), torch.int64)
 
     def _delta(self) -> Tensor:
         w0 = self.w0.to(self.weight.dtype)
-        return channel_scale(w0, self.weight.flatten(), 1 if int(self.on_input) else 0)
+        return channel_scale(w0, self.weight.flatten(), 1 if self.constant("on_input") else 0)
 
     def _forward(self, x: Tensor) -> Tensor:
         if self.training and (self.dropout or self.rank_dropout):
             return super()._forward(x)
         w = self.multiplier * self.weight.flatten()
-        if int(self.on_input):
+        if self.constant("on_input"):
             return self.base_forward(channel_scale(x, 1 + w.to(x.dtype), self.channel_dim))
         out = self.base_forward(x)
         # W0⊙(1+w) leaves the bias alone, so only the bias-free part of the output is scaled.

@@ -379,7 +379,8 @@ def merge_into(
     changed = {prefix: 0 for prefix in modules}
     for path, weight in files:
         for prefix, adapters in _read(path, modules, strict, algorithms).items():
-            for adapter in adapters.values():
+            for name, adapter in adapters.items():
+                adapter.name = name  # for its messages
                 adapter.to_base().eval().bake(float(weight))
             changed[prefix] += len(adapters)
     return changed

@@ -44,11 +44,11 @@ class LoHaAdapter(Adapter):
         nn.init.normal_(self.hada_w1_b, std=1.0)
         nn.init.zeros_(self.hada_w2_a)
         nn.init.normal_(self.hada_w2_b, std=1.0)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.register_constant("alpha", float(alpha))
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.dim
+        return self.constant("alpha") / self.dim
 
     def _delta(self) -> Tensor:
         shape = self.base.weight.shape

@@ -66,12 +66,12 @@ class LoKrAdapter(Adapter):
             self.lokr_w2_a = nn.Parameter(kaiming_(torch.empty(out_k, dim)))
             self.lokr_w2_b = nn.Parameter(torch.zeros(dim, in_n * math.prod(ksize)))
         # Both blocks full: no rank anywhere, so the scale is 1 (alpha stored as dim, as LyCORIS does).
-        self.register_buffer("alpha", torch.tensor(float(dim if self.full_w1 and self.full_w2 else alpha)))
+        self.register_constant("alpha", float(dim if self.full_w1 and self.full_w2 else alpha))
 
     @property
     def scale(self) -> float:
         # No factor is low-rank, so there is no rank to scale by; UIs ignore alpha here too.
-        return 1.0 if self.full_w1 and self.full_w2 else float(self.alpha) / self.dim
+        return 1.0 if self.full_w1 and self.full_w2 else self.constant("alpha") / self.dim
 
     def _w1(self) -> Tensor:
         return self.lokr_w1 if self.full_w1 else self.lokr_w1_a @ self.lokr_w1_b

@@ -44,7 +44,7 @@ class LoRAAdapter(Adapter):
         if self.tucker:
             self.lora_mid = conv_like(base, dim, dim, spatial=True)
         self.lora_up = conv_like(base, dim, out_dim, spatial=False)
-        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.register_constant("alpha", float(alpha))
         self.dim = dim
         kaiming_(self.lora_down.weight)
         if self.tucker:
@@ -53,7 +53,7 @@ class LoRAAdapter(Adapter):
 
     @property
     def scale(self) -> float:
-        return float(self.alpha) / self.dim
+        return self.constant("alpha") / self.dim
 
     def _delta(self) -> Tensor:
         shape = self.base.weight.shape

@@ -35,7 +35,7 @@ class OFTAdapter(RowRotation):
         return "oft_blocks" in tensors and tensors["oft_blocks"].dim() == 3
 
     def rotation(self) -> Tensor:
-        return cayley(self.oft_blocks, float(self.alpha))
+        return cayley(self.oft_blocks, self.constant("alpha"))
 
     @property
     def rotation_cost(self) -> int:

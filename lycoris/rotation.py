@@ -11,6 +11,8 @@ when sampling without gradients over many positions. Both paths compute the same
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -33,7 +35,7 @@ class RowRotation(Adapter):
         self.oft_blocks = nn.Parameter(torch.zeros(blocks))  # zero: R = I, ΔW = 0
         if rescaled:
             self.rescale = nn.Parameter(torch.ones(self.base.weight.shape[0], *[1] * (self.base.weight.dim() - 1)))
-        self.register_buffer("alpha", torch.tensor(float(constraint)))
+        self.register_constant("alpha", float(constraint))
 
     @property
     def rotation_cost(self) -> int:
@@ -67,7 +69,7 @@ class RowRotation(Adapter):
         (nine times the weight: OFT 1.77× → 1.29× the floor, BOFT 4.97× → 2.19×) and of the layers with few
         positions (cross-attention's keys and values, the time embedding)."""
         grad = torch.is_grad_enabled()
-        out, fan_in = self.base.weight.shape[0], self.base.weight[0].numel()
+        out, fan_in = self.base.weight.shape[0], math.prod(self.base.weight.shape[1:])
         positions = self.positions(x)[1]
         steps, c, q = 1 + 2 * grad, self.rotation_cost, self.rotation_passes
         bypass = steps * positions * out * (c + ENTRY_COST * (6 + q))
@@ -100,7 +102,7 @@ class RowRotation(Adapter):
     def file_tensors(self) -> dict[str, Tensor]:
         # The blocks as the cap leaves them (the same rotation): ComfyUI caps ‖Q‖ at alpha, A1111 and the LyCORIS
         # library at alpha·out_dim, so only blocks no cap acts on read the same everywhere.
-        return {**super().file_tensors(), "oft_blocks": capped(self.oft_blocks.detach(), float(self.alpha))}
+        return {**super().file_tensors(), "oft_blocks": capped(self.oft_blocks.detach(), self.constant("alpha"))}
 
     @classmethod
     def from_state_dict(cls, base: nn.Module, tensors: dict[str, Tensor]) -> RowRotation:

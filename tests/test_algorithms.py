@@ -316,3 +316,30 @@ def test_norm_adapter_on_a_bfloat16_norm_trains_float32_deltas(norm):
     torch.testing.assert_close(model[0].weight, ref.weight)  # bf16(γ) + bf16(m·w_norm): one more rounding
     net.unmerge()
     assert torch.equal(model[0].weight, base.weight) and torch.equal(model[0].bias, base.bias)
+
+
+@pytest.mark.parametrize("strategy", [lycoris.LoRA(dim=4, alpha=1), lycoris.LoHa(dim=4, alpha=1),
+                                      lycoris.GLoRA(dim=4, alpha=1), lycoris.OFT(dim=4, constraint=1e-4),
+                                      lycoris.IA3()], ids=lambda s: type(s).__name__)
+def test_the_file_constants_the_forward_reads_follow_a_loaded_state_dict(strategy):
+    """alpha, the constraint and on_input are buffers read as Python numbers (for torch.compile): loading another
+    value into the buffer changes what the forward computes, exactly as an adapter built with that value."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 8)
+    net = strategy.apply(nn.Sequential(layer), prefix="x")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    state = net.state_dict()
+    key = next(k for k in state if k.endswith((".alpha", ".on_input")))
+    changed = {**state, key: torch.ones_like(state[key]) if key.endswith("on_input") else state[key] * 3}
+    x = torch.randn(2, 8)
+    before = layer(x)
+    net.load_state_dict(changed)
+    after = layer(x)
+    net.remove()
+    rebuilt = type(net.adapters()[0]).from_state_dict(layer, {k.split(".", 1)[1]: v for k, v in changed.items()})
+    rebuilt.load_state_dict({k.split(".", 1)[1]: v for k, v in changed.items()})
+    rebuilt.to_base().attach()
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, layer(x))

@@ -119,6 +119,13 @@ def test_config_id_ignores_seeds_run_folder_and_fits_own_options():
     assert config_id(a) == config_id(b) != config_id(c)
 
 
+def test_config_id_ignores_compiling_and_an_unset_8bit_base_but_not_a_set_one():
+    recipe = "model:\n  lr: 0.1\n{}"
+    plain = config_id(recipe.format(""))
+    assert plain == config_id(recipe.format("  compile: true\n")) == config_id(recipe.format("  quantize_base: null\n"))
+    assert plain != config_id(recipe.format("  quantize_base: int8\n"))
+
+
 def test_config_id_ignores_evaluating_the_base_but_not_other_evaluation_options():
     recipe = ("trainer:\n  callbacks:\n    - class_path: callbacks.Evaluation\n      init_args:\n"
               "        images: {}\n{}")

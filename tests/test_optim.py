@@ -119,3 +119,44 @@ def test_recipes_name_it_and_lightning_checkpoints_resume_it_exactly(tiny, tmp_p
     a, b = straight.model.trainable_state_dict(), resumed.model.trainable_state_dict()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+#: Other trainers' optimizers, named by class path in a recipe (optional extras): paged 8-bit AdamW (its 8-bit
+#: moments for every tensor of 16 values or more: the tiny model's adapters are small) and Prodigy (its learning
+#: rate is a multiplier of the step size it estimates: 1.0).
+OTHERS = {
+    "paged-adamw-8bit": ("bitsandbytes.optim", ["--model.optimizer=bitsandbytes.optim.PagedAdamW8bit",
+                                                "--model.optimizer.init_args.min_8bit_size=16"]),
+    "prodigy": ("prodigyopt", ["--model.optimizer=prodigyopt.Prodigy", "--model.lr=1.0",
+                               "--model.optimizer.init_args.weight_decay=0.01"]),
+}
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_other_optimizers_by_class_path_keep_their_state_in_checkpoints_and_resume_exactly(name, tiny, tmp_path):
+    module, options = OTHERS[name]
+    pytest.importorskip(module)
+    quick = [*QUICK[:4], *options, "--model.warmup_steps=2"]
+
+    def fit(run, *extra):
+        return run_lightning(["fit", str(REPO / "recipes" / "tiny.yaml"), *tiny,
+                              f"--trainer.default_root_dir={tmp_path / run}", *quick, *extra])
+
+    straight = fit("straight", "--trainer.max_epochs=4")
+    assert type(straight.trainer.optimizers[0]).__module__.startswith(module)
+    fit("resumed", "--trainer.max_epochs=2")
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    (state,) = checkpoint["optimizer_states"]
+    tensors = [t for s in state["state"].values() for t in torch.utils._pytree.tree_leaves(s)
+               if isinstance(t, torch.Tensor)]
+    if name == "paged-adamw-8bit":  # the 8-bit moments themselves, not 32-bit ones
+        assert any(t.dtype == torch.uint8 and t.numel() >= 16 for t in tensors)
+    else:  # Prodigy's running sums for its step-size estimate, kept in the groups, and its first iterate
+        assert all(group["k"] == 2 and group["d_numerator"] > 0 for group in state["param_groups"])
+        assert all("p0" in s for s in state["state"].values())
+    resumed = fit("resumed", "--trainer.max_epochs=4", "--ckpt_path=last")
+    assert resumed.trainer.global_step == straight.trainer.global_step == 4
+    a, b = straight.model.trainable_state_dict(), resumed.model.trainable_state_dict()
+    assert any(not torch.equal(a[key], t) for key, t in checkpoint["state_dict"].items())  # the steps after it moved
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -69,6 +69,8 @@ def module_digest(module: nn.Module, *extra: object) -> str:
     """SHA-256 of a module's state (names, dtypes, shapes, bytes) and of ``extra`` (e.g. its config)."""
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     for name, tensor in module.state_dict().items():
+        if type(tensor) is not torch.Tensor:  # an 8-bit frozen weight (lycoris.quantize_frozen): what the layer uses
+            tensor = tensor.dequantize()
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         # Bytes through a uint8 view: numpy has no bfloat16.
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -93,10 +93,12 @@ def config_id(recipe: str | None) -> str:
     model = config.get("model")
     if isinstance(model, dict) and model.get("max_token_length") == 75:  # the length every run had before the option
         model.pop("max_token_length")
-    # SDXL's second encoder and zero terminal SNR: unset, as runs had them before the options.
-    for key in ("text_encoder_2_adapter", "text_encoder_2_lr", "zero_terminal_snr"):
+    # SDXL's second encoder, zero terminal SNR, the 8-bit base: unset, as runs had them before the options.
+    for key in ("text_encoder_2_adapter", "text_encoder_2_lr", "zero_terminal_snr", "quantize_base"):
         if isinstance(model, dict) and key in model and model[key] is None:
             model.pop(key)
+    if isinstance(model, dict):  # compiling changes how, not what, is computed: runs with and without are one
+        model.pop("compile", None)
     for adapter in ("adapter", "text_encoder_adapter"):
         node = model.get(adapter) if isinstance(model, dict) else None
         init = node.get("init_args") if isinstance(node, dict) else None
