@@ -27,6 +27,10 @@ be skipped. Per block:
   (every tensor allocation and free, summed in time order): exact and repeatable, unlike the process's
   peak RSS. Scratch space that oneDNN/BLAS take outside PyTorch's allocator is not counted; the base ops
   are the same in every case.
+- **limit** and **target**: the case that bounds the algorithm from below, measured in the same rounds —
+  ``floor`` for the factored algorithms, ``floor+dW`` (the floor with the weight gradient of every adapted layer)
+  for those that rebuild ΔW (LoHa, GLoRA, Full; DoRA on the convolutions) — the step over that limit, and
+  whether step / floor meets the target (≤ 1.10×, ≤ 1.55× for the rebuilding ones).
 - **merged / base**: no-grad forward time (eval mode) after ``net.merge()`` over the base block's,
   measured round-robin the same way. A merged network is the base model, so this should print 1.00.
 
@@ -57,6 +61,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 import lycoris
+from lycoris.functional import SUPPORTED_LAYERS
 
 #: name → the strategy at the paper's defaults, given the block's preset.
 ALGORITHMS: dict[str, Callable[[str], lycoris.Strategy]] = {
@@ -72,7 +77,21 @@ ALGORITHMS: dict[str, Callable[[str], lycoris.Strategy]] = {
     "Full": lambda preset: lycoris.Full(preset=preset),
 }
 FLOOR = "floor"
+#: The floor plus the weight gradient (dL/dW) of every layer the preset adapts: what an algorithm that rebuilds ΔW
+#: from its factors pays at least, since its factors' gradients come through dL/dW' of the rebuilt weight.
+WEIGHT_GRAD = "floor+dW"
+#: The algorithms that rebuild ΔW everywhere (no factored path); DoRA rebuilds on convolutions (the resnet block).
+REBUILDS = ("LoHa", "GLoRA", "Full")
 MAX_ROUNDS = 50
+
+
+def target(block: str, algorithm: str) -> tuple[str, float]:
+    """The case an algorithm's step is held against, and the issue's target for step / floor: the factored
+    algorithms pay the floor plus work at rank or activation cost (≤ 1.10×), the rebuilding ones at least the
+    floor plus the weight gradient (≤ 1.55×)."""
+    if algorithm in REBUILDS or (algorithm == "DoRA" and block == "resnet"):
+        return WEIGHT_GRAD, 1.55
+    return FLOOR, 1.10
 
 
 @dataclass
@@ -271,7 +290,16 @@ def measure_block(block: Block, algorithms: list[str], settings: Settings) -> di
             return Case(lambda: None, clear_input_grad)
         return Case(lambda: attach(net, merged), lambda: (detach(net), clear_input_grad()))
 
-    train_cases = {FLOOR: case(None), **{name: case(net) for name, net in nets.items()}}
+    adapted = [a.base.weight for a in make_network(block, "LoRA").adapters() if isinstance(a.base, SUPPORTED_LAYERS)]
+
+    def weight_grads(on: bool) -> None:
+        for weight in adapted:
+            weight.requires_grad_(on)
+            weight.grad = None
+
+    train_cases = {FLOOR: case(None), WEIGHT_GRAD: Case(lambda: weight_grads(True),
+                                                        lambda: (weight_grads(False), clear_input_grad())),
+                   **{name: case(net) for name, net in nets.items()}}
     block.root.train()
     step_s = round_robin(train_cases, step, settings)
     memory = {}
@@ -286,15 +314,24 @@ def measure_block(block: Block, algorithms: list[str], settings: Settings) -> di
     with torch.no_grad():
         forward_s = round_robin(merged_cases, forward, settings)
     return {name: {"params": sum(p.numel() for p in nets[name].parameters()) if name in nets else 0,
-                   "step_s": step_s[name], "peak_bytes": memory[name], "forward_s": forward_s[name]}
+                   "step_s": step_s[name], "peak_bytes": memory[name], "forward_s": forward_s.get(name)}
             for name in train_cases}
 
 
-def ratios(raw: dict[str, dict]) -> dict[str, dict[str, float]]:
+def ratios(block: str, raw: dict[str, dict]) -> dict[str, dict[str, float | str | bool]]:
     steps = {name: r["step_s"] for name, r in raw.items()}
-    forwards = {name: r["forward_s"] for name, r in raw.items()}
-    return {name: {"step": ratio_to_floor(steps, name), "memory": r["peak_bytes"] / raw[FLOOR]["peak_bytes"],
-                   "merged": ratio_to_floor(forwards, name)} for name, r in raw.items() if name != FLOOR}
+    forwards = {name: r["forward_s"] for name, r in raw.items() if r["forward_s"] is not None}
+    out: dict[str, dict[str, float | str | bool]] = {}
+    for name, r in raw.items():
+        if name == FLOOR:
+            continue
+        step = ratio_to_floor(steps, name)
+        out[name] = {"step": step, "memory": r["peak_bytes"] / raw[FLOOR]["peak_bytes"]}
+        if name in forwards:
+            limit, goal = target(block, name)
+            out[name] |= {"merged": ratio_to_floor(forwards, name), "limit": limit, "target": goal, "met": step <= goal,
+                          "step_over_limit": statistics.median(t / w for t, w in zip(steps[name], steps[limit]))}
+    return out
 
 
 def print_block(name: str, raw: dict[str, dict]) -> None:
@@ -302,9 +339,12 @@ def print_block(name: str, raw: dict[str, dict]) -> None:
     print(f"{name}: floor step {statistics.median(floor['step_s']) * 1e3:.0f} ms ({len(floor['step_s'])} rounds), "
           f"peak {floor['peak_bytes'] / 2**20:.1f} MiB; base forward {statistics.median(floor['forward_s']) * 1e3:.0f}"
           f" ms ({len(floor['forward_s'])} rounds)")
-    for algorithm, r in ratios(raw).items():
-        print(f"{name:<12}{algorithm:<8}{raw[algorithm]['params']:>10,}{r['step']:>12.2f}x{r['memory']:>13.2f}x"
-              f"{r['merged']:>12.2f}x", flush=True)
+    for algorithm, r in ratios(name, raw).items():
+        line = f"{name:<12}{algorithm:<9}{raw[algorithm]['params']:>10,}{r['step']:>12.2f}x{r['memory']:>13.2f}x"
+        if "merged" in r:
+            line += (f"{r['merged']:>12.2f}x  {r['limit']:<9}{r['step_over_limit']:>6.2f}x  "
+                     f"{'≤' if r['met'] else '>'} {r['target']:.2f}x {'met' if r['met'] else 'not met'}")
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -325,12 +365,13 @@ def main() -> None:
 
     print(f"device {args.device}, {torch.get_num_threads()} threads, bf16={args.bf16}, "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'block':<12}{'algo':<8}{'params':>10}{'step/floor':>13}{'memory/floor':>14}{'merged/base':>13}")
+    print(f"{'block':<12}{'algo':<9}{'params':>10}{'step/floor':>13}{'memory/floor':>14}{'merged/base':>13}  "
+          f"{'limit':<9}{'/limit':>7}  target")
     results = {}
     for name in args.blocks:
         raw = measure_block(BLOCKS[name](args.device), args.algorithms, settings)
         print_block(name, raw)
-        results[name] = {"raw": raw, "ratios": ratios(raw)}
+        results[name] = {"raw": raw, "ratios": ratios(name, raw)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "threads": torch.get_num_threads(), "bf16": args.bf16,

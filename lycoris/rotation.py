@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import Adapter
-from .functional import ENTRY_COST, along, capped, layer_op, rank_mask
+from .functional import ENTRY_COST, capped, rank_mask
 
 
 class RowRotation(Adapter):
@@ -60,19 +60,21 @@ class RowRotation(Adapter):
 
     def _bypass_cheaper(self, x: Tensor) -> bool:
         """Whether rotating the output costs less than rotating the weight, in multiply-adds plus ENTRY_COST per
-        entry written (backward: twice the forward): the rotation over positions·out entries with six more
-        passes (cast, rescale, difference, blend, bias, cast back), against the rotation over the weight's
-        out·in·k² entries with four more (rescale, difference, blend, cast) plus, with gradients, the rebuilt
-        weight's dL/dW' (positions·out·in·k²). Measured on SD 1.5's slice (benchmarks/adapters.py, 2 cores): it
-        keeps the weight path for the transformer block's 320-wide Linear layers over 1024 tokens, where
-        rotating the activations was slower and kept more memory, and rotates the output of 3×3 convolutions
-        (nine times the weight: OFT 1.77× → 1.29× the floor, BOFT 4.97× → 2.19×) and of the layers with few
-        positions (cross-attention's keys and values, the time embedding)."""
+        entry written (backward: twice the forward): the rotation over positions·out entries with four more
+        passes (cast, bias, interpolation, cast back) and three counted for what the measurements show beyond the
+        count (the activations kept for backward where the rebuilt path keeps the weight, the einsum's batches of
+        small products), against the rotation over the weight's out·in·k² entries with four more (rescale,
+        difference, blend, cast) plus, with gradients, the rebuilt weight's dL/dW' (positions·out·in·k²). Measured
+        on SD 1.5's slice (benchmarks/adapters.py, 2 cores): it keeps the weight path for the transformer block's
+        320-wide Linear layers over 1024 tokens, where rotating the activations was slower and kept more memory
+        (OFT 1.59× against 1.36× the floor, memory 1.43× against 1.22×), and rotates the output of 3×3
+        convolutions (nine times the weight) and of the layers with few positions (cross-attention's keys and
+        values, the time embedding)."""
         grad = torch.is_grad_enabled()
         out, fan_in = self.base.weight.shape[0], math.prod(self.base.weight.shape[1:])
         positions = self.positions(x)[1]
         steps, c, q = 1 + 2 * grad, self.rotation_cost, self.rotation_passes
-        bypass = steps * positions * out * (c + ENTRY_COST * (6 + q))
+        bypass = steps * positions * out * (c + ENTRY_COST * (7 + q))
         rebuilt = steps * out * fan_in * (c + ENTRY_COST * (4 + q)) + grad * positions * out * fan_in
         return bypass < rebuilt
 
@@ -83,21 +85,27 @@ class RowRotation(Adapter):
         return self._bypass_forward(x)
 
     def _bypass_forward(self, x: Tensor) -> Tensor:
-        """W0·x rotated: W0x + multiplier·(rescale ⊙ R(W0x) − W0x) + b, rank dropout on the output channels as
-        the rebuilt path drops ΔW's rows."""
-        w0 = self.w0
-        h = layer_op(self.base, x.to(w0.dtype) if x.is_floating_point() else x, w0, None)
-        rows = h.movedim(self.channel_dim, -1).to(self.oft_blocks.dtype)
-        delta = self._rotate_rows(rows)
-        if hasattr(self, "rescale"):
-            delta = delta * self.rescale.flatten()
-        delta = delta - rows
-        if self.training and self.rank_dropout:
-            delta = delta * rank_mask(delta.shape[-1], self.rank_dropout, delta)
-        out = (rows + self.multiplier * delta).movedim(-1, self.channel_dim)
+        """The frozen op's output h = W0x + b with its bias-free part rotated: W0x + b + m·(s ⊙ R(W0x) − W0x), as
+        one interpolation from h to s ⊙ R(h) + (b − s ⊙ R(b)) at the multiplier: R is linear, so the
+        bias comes out through its own rotation (a vector) instead of a pass over the activations. Rank dropout
+        acts on the output channels as the rebuilt path drops ΔW's rows. The frozen op is the layer's own, so an
+        8-bit base keeps no dequantised weight for backward."""
+        h = self.base_forward(x)
+        rotated = self._rotate_rows(h.movedim(self.channel_dim, -1).to(self.oft_blocks.dtype))
+        scale = self.rescale.flatten() if hasattr(self, "rescale") else None
+        if scale is not None:
+            rotated = rotated * scale
         if self.base.bias is not None:
-            out = out + along(self.base.bias.to(out.dtype), out, self.channel_dim)
-        return out.to(w0.dtype)
+            bias = self.base.bias.to(rotated.dtype)
+            bias_rotated = self._rotate_rows(bias)
+            rotated = rotated + (bias - (bias_rotated if scale is None else scale * bias_rotated))
+        weight: float | Tensor = self.multiplier
+        if self.training and self.rank_dropout:
+            weight = self.multiplier * rank_mask(rotated.shape[-1], self.rank_dropout, rotated)
+        # Also at 1: the interpolation writes in h's layout, where the rotation's output is channels-last, whose
+        # gradient a convolution's backward would copy (measured: a 3×3 conv's step peak one activation higher).
+        rotated = torch.lerp(h.movedim(self.channel_dim, -1).to(rotated.dtype), rotated, weight)
+        return rotated.movedim(-1, self.channel_dim).to(h.dtype)
 
     def file_tensors(self) -> dict[str, Tensor]:
         # The blocks as the cap leaves them (the same rotation): ComfyUI caps ‖Q‖ at alpha, A1111 and the LyCORIS
