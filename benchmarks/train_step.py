@@ -45,7 +45,8 @@ anyway; absolute times depend on the machine, the ratios much less. On CPU other
 them (see the load in the header; ``--threads 1`` is steadier).
 
     python benchmarks/train_step.py [--quick] [--parts quickstart sd15 sdxl bases] [--rounds N] [--budget S]
-                                    [--fit-steps N] [--threads N] [--device cpu|cuda] [--bf16] [--json PATH]
+                                    [--fit-steps N] [--threads N] [--device cpu|cuda] [--bf16] [--compile]
+                                    [--json PATH]
 """
 
 from __future__ import annotations
@@ -95,11 +96,13 @@ def median_ms(times: list[float]) -> float:
 
 
 # -- quickstart -----------------------------------------------------------------------------------------------
-def quickstart_cli(folder: Path, device: str, bf16: bool, fit_steps: int, callbacks: list[L.Callback]) -> Any:
+def quickstart_cli(folder: Path, device: str, bf16: bool, fit_steps: int, callbacks: list[L.Callback],
+                   compile_unet: bool = False) -> Any:
     """The quickstart recipe as ``lycoflow fit`` instantiates it, run folder and tiny model in ``folder``."""
     from lycoflow.lightning_cli import run_lightning
 
     precision = ["--trainer.precision=bf16-mixed"] if bf16 else []
+    precision += ["--model.compile=true"] if compile_unet else []
     cli = run_lightning(["fit", str(RECIPE), f"--model.base.init_args.folder={folder / 'tiny-sd'}",
                          f"--trainer.default_root_dir={folder / 'run'}", f"--trainer.accelerator={device}",
                          f"--trainer.max_steps={fit_steps}", "--trainer.logger=false", "--trainer.callbacks=[]",
@@ -120,11 +123,11 @@ class BatchStarts(L.Callback):
         self.times.append(time.perf_counter())
 
 
-def measure_quickstart(settings: bench.Settings, fit_steps: int) -> dict[str, Any]:
+def measure_quickstart(settings: bench.Settings, fit_steps: int, compile_unet: bool = False) -> dict[str, Any]:
     device = settings.device
     starts = BatchStarts()
     with tempfile.TemporaryDirectory(prefix="lycoflow-bench-") as tmp:
-        cli = quickstart_cli(Path(tmp), device, settings.bf16, FIT_WARMUP + fit_steps + 1, [starts])
+        cli = quickstart_cli(Path(tmp), device, settings.bf16, FIT_WARMUP + fit_steps + 1, [starts], compile_unet)
         model, data = cli.model.to(device), cli.datamodule
         with contextlib.redirect_stdout(io.StringIO()):  # the data set's summary table
             data.setup("fit")
@@ -236,10 +239,12 @@ def build_sdxl_unet(device: str) -> bench.Block:
 UNETS = {"sd15": build_sd15_unet, "sdxl": build_sdxl_unet}
 
 
-def measure_unet(part: str, settings: bench.Settings) -> dict[str, Any]:
+def measure_unet(part: str, settings: bench.Settings, compile_unet: bool = False) -> dict[str, Any]:
     device = settings.device
     block = UNETS[part](device)
     block.root.requires_grad_(False).train()
+    if compile_unet:  # each case compiles in the untimed warm-up round (attaching changes what is traced)
+        block.root.compile()
     nets = {name: bench.make_network(block, name) for name in UNET_ALGORITHMS}  # left detached
     inp = block.x.clone().requires_grad_()
 
@@ -294,7 +299,7 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(size(p) for p in module.parameters())
 
 
-def measure_bases(settings: bench.Settings) -> dict[str, Any]:
+def measure_bases(settings: bench.Settings, compile_unet: bool = False) -> dict[str, Any]:
     import lycoris
 
     device = settings.device
@@ -306,6 +311,8 @@ def measure_bases(settings: bench.Settings) -> dict[str, Any]:
             block.root.to(torch.bfloat16)
         if base == "int8":
             lycoris.quantize_frozen(block.root)
+        if compile_unet:
+            block.root.compile()
         blocks[base] = block
         nets[base] = {name: bench.make_network(block, name) for name in UNET_ALGORITHMS}
     inputs = {base: block.x.clone().requires_grad_() for base, block in blocks.items()}
@@ -372,6 +379,8 @@ def main() -> None:
                         "5 fit steps: a smoke run")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the steps (fit: bf16-mixed)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet (fit: model.compile); "
+                        "every case compiles in the untimed warm-up round")
     parser.add_argument("--threads", type=int, help="CPU threads (default: PyTorch's choice)")
     parser.add_argument("--json", metavar="PATH", help="also write the per-round times, bytes and ratios here")
     args = parser.parse_args()
@@ -384,19 +393,19 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     quiet_libraries()
 
-    print(f"device {args.device}, {torch.get_num_threads()} threads, bf16={args.bf16}, "
+    print(f"device {args.device}, {torch.get_num_threads()} threads, bf16={args.bf16}, compile={args.compile}, "
           f"load {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
     results = {}
     for part in args.parts:
         start = time.perf_counter()
         if part == "quickstart":
-            raw = measure_quickstart(settings[part], fit_steps)
+            raw = measure_quickstart(settings[part], fit_steps, args.compile)
             results[part] = {"raw": raw, "ratios": print_quickstart(raw)}
         elif part == "bases":
-            raw = measure_bases(settings[part])
+            raw = measure_bases(settings[part], args.compile)
             results[part] = {"raw": raw, "ratios": print_bases(raw)}
         else:
-            raw = measure_unet(part, settings[part])
+            raw = measure_unet(part, settings[part], args.compile)
             results[part] = {"raw": raw, "ratios": print_unet(part, raw)}
         print(f"({part}: {time.perf_counter() - start:.0f} s; load now {os.getloadavg()[0]:.1f})\n", flush=True)
     if args.json:
