@@ -8,10 +8,12 @@ which is what torchao's own ``F.linear`` does). Forward and backward dequantise 
 activations' dtype (what torchao's weight-only matmul does inside; it has no convolution).
 
 Adapters see the base through `Adapter.w0`, which dequantises: the factored (bypass) paths — LoRA/LoCon, LoKr
-through reshapes, OFT/BOFT by rotated outputs, (IA)³ — call the quantized op and add their own terms; the
-algorithms that rebuild the weight (LoHa, GLoRA, Full, DoRA, the rebuilt paths of the others) dequantise W0 per
-layer on the fly into the weight they build, which, as without quantization, is kept for backward. Merging into a
-quantized base is refused: an int8 weight cannot hold W0 + ΔW.
+through reshapes, OFT/BOFT by rotated outputs, (IA)³ — call the quantized op and add their own terms
+(tests/test_quantize.py checks that they keep no dense weight); the algorithms that rebuild the weight (LoHa,
+GLoRA, Full, the rebuilt paths of the others, chosen by their cost models) dequantise W0 per layer on the fly into
+the weight they build, which, as without quantization, is kept for backward; DoRA's norms need W0 itself, so its
+layers keep their dequantised W0 for backward. Merging into a quantized base is refused: an int8 weight cannot
+hold W0 + ΔW.
 """
 
 from __future__ import annotations

@@ -83,7 +83,14 @@ def test_every_algorithm_on_the_8bit_base_computes_as_on_the_dequantised_one(nam
         torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-5, msg=n)
 
 
-def test_the_base_is_stored_in_int8_near_its_weights_and_no_dense_copy_is_kept_for_backward():
+#: The factored paths, and the cost-model choice that would pick the rebuilt weight on these small layers (which
+#: keeps the adapted weight for backward, as on a full-precision base).
+FACTORED = {"LoRA": None, "IA3": None, "LoKr": (lycoris.LoKrAdapter, "_cheaper_by_reshape"),
+            "OFT": (lycoris.OFTAdapter, "_bypass_cheaper")}
+
+
+@pytest.mark.parametrize("name", FACTORED)
+def test_the_base_is_stored_in_int8_near_its_weights_and_the_factored_paths_keep_no_dense_copy(name, monkeypatch):
     torch.manual_seed(0)
     original = Layers().requires_grad_(False)
     quantized = Layers().requires_grad_(False)
@@ -91,16 +98,18 @@ def test_the_base_is_stored_in_int8_near_its_weights_and_no_dense_copy_is_kept_f
     lycoris.quantize_frozen(quantized)
     assert (type(quantized.conv), type(quantized.lin), type(quantized.seq)) == (
         QuantizedConv2d, QuantizedLinear, QuantizedConv1d)
-    for name in ("conv", "lin", "seq"):
-        weight, reference = getattr(quantized, name).weight, getattr(original, name).weight
+    for layer in ("conv", "lin", "seq"):
+        weight, reference = getattr(quantized, layer).weight, getattr(original, layer).weight
         assert weight.qdata.dtype == torch.int8 and weight.shape == reference.shape
         assert weight.scale.numel() == reference.shape[0]  # one scale per output channel
         # Symmetric rounding to 255 levels per row: at most half a step off.
         step = reference.abs().flatten(1).amax(1) / 127
-        error = (dense_weight(getattr(quantized, name)) - reference).abs().flatten(1).amax(1)
+        error = (dense_weight(getattr(quantized, layer)) - reference).abs().flatten(1).amax(1)
         assert torch.all(error <= step / 2 + 1e-7) and torch.all(error > 0)
 
-    lycoris.LoRA(dim=4).apply(quantized, prefix="x")
+    if FACTORED[name] is not None:
+        monkeypatch.setattr(*FACTORED[name], lambda self, x: True)
+    STRATEGIES[name]().apply(quantized, prefix="x")
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         quantized(torch.randn(2, 3, 8, 8, requires_grad=True)).sum().backward()
