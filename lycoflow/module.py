@@ -84,8 +84,8 @@ class DiffusionFinetune(L.LightningModule):
             8 bits (torchao's weight-only int8, one scale per output channel; ``pip install 'lycoflow[quantize]'``),
             a quarter of their float32 memory, dequantised per layer as they run (into ``weight_dtype``).
             Adapters add their terms on top; algorithms that rebuild the weight (LoHa, GLoRA, Full) build it from
-            the dequantised W0 per layer, and DoRA's norms read it. The base then differs from the original by int8 rounding, and
-            the adapter is trained against that base (saved files are as always).
+            the dequantised W0 per layer, and DoRA's norms read it. The base then differs from the original by
+            int8 rounding, and the adapter is trained against that base (saved files are as always).
         compile: ``torch.compile`` the UNet, the adapters inside it included: one graph for every algorithm (no
             break per layer), but DyLoRA and ``module_dropout``, whose random rank or skip per step ends the graph
             at each adapter. The first step compiles (and evaluation's sampling once more), which takes minutes.
