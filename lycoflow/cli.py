@@ -96,7 +96,8 @@ def _user_error(err: BaseException) -> bool:
 
     if isinstance(err, (BaseModelError, DiskFullError, EncoderError, MisconfigurationException)):
         return True
-    if not isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError)):
+    # ImportError: an optional extra that is not installed, named with its pip command where lycoflow raises it.
+    if not isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError, ImportError)):
         return False
     tb = err.__traceback__
     while tb is not None and tb.tb_next is not None:

@@ -122,6 +122,8 @@ class DiffusionFinetune(L.LightningModule):
             if rate is not None and not rate > 0:  # checked before the base model loads; NaN fails too
                 raise ValueError(f"model.{name}={rate} must be > 0 (the paper: 5e-4 for adapters, 1e-6 for native "
                                  "fine-tuning); to freeze the text encoder set model.train_text_encoder=false")
+        if quantize_base is not None:  # before the base model loads: a missing torchao is said at once
+            lycoris.quantize.int8_storage(quantize_base)
         parts = base.load()
         self.base_source, self.adapter = base, adapter
         self.base_version = parts.version

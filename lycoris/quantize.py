@@ -18,6 +18,7 @@ hold W0 + ΔW.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -95,13 +96,9 @@ class QuantizedConv2d(Quantized, nn.Conv2d):
 _QUANTIZED = {nn.Linear: QuantizedLinear, nn.Conv1d: QuantizedConv1d, nn.Conv2d: QuantizedConv2d}
 
 
-def quantize_frozen(model: nn.Module, quantization: Quantization = "int8") -> int:
-    """Store the weights of ``model``'s frozen Linear and (zero-padded) convolution layers in 8 bits, in place,
-    before adapters are attached; returns how many layers were quantized. Layers of other types (norms,
-    embeddings), subclasses of these, and layers with a trainable weight stay as they are. The dequantised
-    dtype is the weight's dtype before (``weight_dtype``).
-
-    Needs torchao (``pip install 'lycoflow[quantize]'``)."""
+def int8_storage(quantization: Quantization) -> Callable[[Tensor], Tensor]:
+    """How ``quantization`` stores a weight (torchao's symmetric int8, one scale per output channel), or a message
+    that says what to install or choose; callers check it before loading a model."""
     if quantization != "int8":
         raise ValueError(f"quantization={quantization!r}: lycoris stores a frozen base as 'int8' (weight-only, one "
                          "scale per output channel)")
@@ -111,6 +108,17 @@ def quantize_frozen(model: nn.Module, quantization: Quantization = "int8") -> in
     except ImportError as error:
         raise ImportError("an 8-bit frozen base needs torchao: pip install 'lycoflow[quantize]' (or torchao)") \
             from error
+    return lambda weight: Int8Tensor.from_hp(weight, PerAxis(0))
+
+
+def quantize_frozen(model: nn.Module, quantization: Quantization = "int8") -> int:
+    """Store the weights of ``model``'s frozen Linear and (zero-padded) convolution layers in 8 bits, in place,
+    before adapters are attached; returns how many layers were quantized. Layers of other types (norms,
+    embeddings), subclasses of these, and layers with a trainable weight stay as they are. The dequantised
+    dtype is the weight's dtype before (``weight_dtype``).
+
+    Needs torchao (``pip install 'lycoflow[quantize]'``)."""
+    store = int8_storage(quantization)
     count = 0
     for layer in model.modules():
         kind = _QUANTIZED.get(type(layer))
@@ -120,7 +128,7 @@ def quantize_frozen(model: nn.Module, quantization: Quantization = "int8") -> in
         if "forward" in layer.__dict__:
             raise RuntimeError(f"quantize the frozen base before attaching adapters: {layer} already has one")
         with torch.no_grad():
-            weight = Int8Tensor.from_hp(layer.weight.detach(), PerAxis(0))
+            weight = store(layer.weight.detach())
         layer.weight = nn.Parameter(weight, requires_grad=False)
         layer.__class__ = kind
         count += 1

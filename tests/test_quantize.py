@@ -174,6 +174,18 @@ def test_the_encoding_cache_key_of_a_quantized_encoder_is_that_of_its_dequantise
     assert module_digest(quantized, "x") == module_digest(dense, "x") != module_digest(original, "x")
 
 
+def test_without_torchao_the_cli_says_what_to_install(tiny, tmp_path, monkeypatch, capsys):
+    from lycoflow.cli import main
+
+    monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # `from torchao.quantization import` fails
+    code = main(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={tmp_path}",
+                 "--model.quantize_base=int8"])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("lycoflow fit: error: an 8-bit frozen base needs torchao: pip install "
+                                              "'lycoflow[quantize]'")
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_importing_with_the_optional_extras_installed_prints_nothing():
     result = subprocess.run([sys.executable, "-c", "import lycoflow.module, lycoflow.optim, lycoris.quantize"],
                             capture_output=True, text=True, timeout=300)
