@@ -262,6 +262,17 @@ def peak_bytes(fn: Callable[[], object], device: str) -> int:
     return max(running_sums(n for _, n in events), default=0)
 
 
+def case_peaks(cases: dict[str, Case], fn: Callable[[], object], device: str) -> dict[str, int]:
+    """`peak_bytes` of ``fn`` per case, set up around it; once each, after the timed rounds."""
+    peaks = {}
+    for name, case in cases.items():
+        torch.manual_seed(0)  # DyLoRA samples its rank per step: the same one in every run
+        case.setup()
+        peaks[name] = peak_bytes(fn, device)
+        case.teardown()
+    return peaks
+
+
 def measure_block(block: Block, algorithms: list[str], settings: Settings) -> dict[str, dict]:
     """Per case, ``floor`` first: adapter parameter count, step times per round, peak step bytes, merged
     forward times per round."""
@@ -302,12 +313,7 @@ def measure_block(block: Block, algorithms: list[str], settings: Settings) -> di
                    **{name: case(net) for name, net in nets.items()}}
     block.root.train()
     step_s = round_robin(train_cases, step, settings)
-    memory = {}
-    for name, c in train_cases.items():
-        torch.manual_seed(0)  # DyLoRA samples its rank per step: the same one in every run
-        c.setup()
-        memory[name] = peak_bytes(step, device)
-        c.teardown()
+    memory = case_peaks(train_cases, step, device)
 
     merged_cases = {FLOOR: case(None), **{name: case(net, merged=True) for name, net in nets.items()}}
     block.root.eval()

@@ -261,11 +261,7 @@ def measure_unet(part: str, settings: bench.Settings, compile_unet: bool = False
                                                                                      clear_input_grad()))
                 for name, net in nets.items()}}
     times = bench.round_robin(cases, step, settings)
-    memory = {}
-    for name, case in cases.items():
-        case.setup()
-        memory[name] = bench.peak_bytes(step, device)
-        case.teardown()
+    memory = bench.case_peaks(cases, step, device)
     return {"unet_params": sum(p.numel() for p in block.root.parameters()),
             "params": {name: sum(p.numel() for p in net.parameters()) for name, net in nets.items()},
             "step_s": times, "peak_bytes": memory}
@@ -340,13 +336,10 @@ def measure_bases(settings: bench.Settings, compile_unet: bool = False) -> dict[
     cases = {f"{base} {name}": case(base, None if name == FLOOR else nets[base][name])
              for base in BASES for name in (FLOOR, *UNET_ALGORITHMS)}
     times = bench.round_robin(cases, step, settings)
-    memory = {}
-    for name, c in cases.items():
-        c.setup()
-        memory[name] = weight_bytes(blocks[current["base"]].root) + bench.peak_bytes(step, device)
-        c.teardown()
-    return {"step_s": times, "total_bytes": memory,
-            "weight_bytes": {base: weight_bytes(block.root) for base, block in blocks.items()}}
+    weights = {base: weight_bytes(block.root) for base, block in blocks.items()}
+    peaks = bench.case_peaks(cases, step, device)
+    return {"step_s": times, "total_bytes": {name: weights[name.split(" ")[0]] + peak for name, peak in peaks.items()},
+            "weight_bytes": weights}
 
 
 def print_bases(raw: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -97,11 +97,12 @@ class LoRAAdapter(Adapter):
         in_dim, out_dim = in_out(self.base)
         return self.positions(x)[0] * (in_dim + out_dim) < self.base.weight.numel()
 
-    def _dora_ratio(self) -> Tensor:
+    def _dora_ratio(self, w0: Tensor) -> Tensor:
         """magnitude / ‖W0 + ΔW‖ per input column (or output row), the norms from the factors: W0 and the
-        factors flattened to (out, in, k²) and (r, in, k²), never ΔW itself."""
+        factors flattened to (out, in, k²) and (r, in, k²), never ΔW itself. ``w0`` is the caller's (`w0`
+        dequantises an 8-bit base on every read)."""
         s, dtype = self.scale, self.lora_down.weight.dtype
-        w0 = self.w0.to(dtype)
+        w0 = w0.to(dtype)
         w = w0.reshape(*w0.shape[:2], -1)
         up = self.lora_up.weight.reshape(self.lora_up.weight.shape[0], -1)  # (out, r)
         down = self.lora_down.weight.reshape(*self.lora_down.weight.shape[:2], -1)  # (r, in, k²)
@@ -121,7 +122,7 @@ class LoRAAdapter(Adapter):
         (W0 + ΔW)·diag(ratio): W0·((1 − m)·x + m·ratio⊙x) + m·s·up(down(ratio⊙x)). Per output row it is
         diag(ratio)·(W0 + ΔW): (1 + m·(ratio − 1))⊙W0x + m·s·ratio⊙up(down(x))."""
         w0, m = self.w0, self.multiplier
-        ratio = self._dora_ratio()
+        ratio = self._dora_ratio(w0)
         h = x.to(ratio.dtype)
         if per_row(self.dora_scale, w0):
             out = layer_op(self.base, x.to(w0.dtype) if x.is_floating_point() else x, w0, None).to(ratio.dtype)
