@@ -1,6 +1,6 @@
-"""A corpus of bad input, one of each class users hit, through the real ``lycoflow`` command (a subprocess each:
-in-process, W&B's console capture and Lightning's loggers keep streams of earlier cases; ~20 s a case on 2
-cores, so the corpus is marked slow: `.ci/run` includes it, the default `pytest` does not).
+"""A corpus of bad input, one of each class users hit, through the real ``lycoflow`` command (a process each, forked
+from one that imported lycoflow once: tests/cli_process.py; in-process, W&B's console capture and Lightning's
+loggers keep streams of earlier cases). Marked slow: `.ci/run` includes it, the default `pytest` does not.
 
 Every case must end with exit code 2 (a user error), a message naming the file, key or value at fault, no
 traceback, every input file byte-identical afterwards, and no temporary or partial file left anywhere under
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import lycoflow
 from PIL import Image
 from safetensors.torch import save_file as write_tensors
 
@@ -176,8 +175,7 @@ def test_bad_input_is_named_without_traceback_or_damage(case, tmp_path, tiny_sd_
     before = _digests(inp)
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "LYCOFLOW_CACHE": str(tmp_path / "cache")}
     env.pop("LYCOFLOW_DEBUG", None)
-    done = subprocess.run([sys.executable, "-m", "lycoflow.cli", *argv], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=600)
+    done = lycoflow(argv, tmp_path, env)
     out = done.stdout + done.stderr
     assert done.returncode == 2, out
     assert "Traceback" not in out, out

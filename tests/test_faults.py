@@ -2,8 +2,9 @@
 clear message, no temporary file left, the files saved before intact), temporary files left by a killed save (removed
 at the next start, and nothing else), and a W&B server that cannot be reached (a bounded wait, then offline).
 
-The disk is made "full" for real where possible: a subprocess runs under ``RLIMIT_FSIZE`` with SIGXFSZ ignored, so
-every write past the limit fails with EFBIG in the real writers (Lightning's, safetensors' Rust code). A full run
+The disk is made "full" for real where possible: the command runs in a process of its own under ``RLIMIT_FSIZE``
+with SIGXFSZ ignored, so every write past the limit fails with EFBIG in the real writers (Lightning's, safetensors'
+Rust code). A full run
 folder behind a temporary folder with room (Lightning stages checkpoints in the temporary folder, then moves them) is
 simulated at the lowest level, the ``sendfile`` that copies it across.
 """
@@ -14,12 +15,11 @@ import os
 import resource
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+from cli_process import lycoflow
 
 from callbacks.saving import STALE_TEMP
 from lycoflow.cache import DiskFullError, atomic_path, no_room
@@ -42,18 +42,11 @@ def fit(tiny, run, *extra):
 
 
 def lycoflow_fit(tiny, run, *extra, env=None, file_size_limit=None, timeout=300):
-    """``lycoflow fit`` in a subprocess (the real command line, exit code and output); with ``file_size_limit``,
-    no file it writes can grow past that many bytes: a write past it fails with EFBIG, as on a full disk."""
-
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process at the limit
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-
-    return subprocess.run(
-        [sys.executable, "-m", "lycoflow.cli", "fit", "recipes/tiny.yaml", *tiny,
-         f"--trainer.default_root_dir={run}", *extra],
-        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}, capture_output=True, text=True,
-        timeout=timeout, preexec_fn=limit if file_size_limit else None)
+    """``lycoflow fit`` in a process of its own (the real command line, exit code and output); with
+    ``file_size_limit``, no file it writes can grow past that many bytes: a write past it fails with EFBIG, as on
+    a full disk."""
+    return lycoflow(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={run}", *extra], ROOT,
+                    {**os.environ, **(env or {})}, file_size_limit, timeout)
 
 
 def digests(run):

@@ -14,12 +14,11 @@ columns) over the fixtures.
 """
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_process import lycoflow
 from safetensors.torch import load_file
 
 from lycoflow.evaluation import config_id
@@ -58,6 +57,7 @@ def test_short_quickstart_run_writes_the_pinned_adapters_and_metrics(tiny_sd_fol
 
 def test_the_quickstart_configuration_keeps_its_config_id():
     # Runs from before and after a move of classes between modules must stay one configuration in the analysis.
-    recipe = subprocess.run([sys.executable, "-m", "lycoflow.cli", "fit", str(QUICKSTART), "--print_config"],
-                            capture_output=True, text=True, check=True).stdout
+    done = lycoflow(["fit", str(QUICKSTART), "--print_config"], QUICKSTART.parent)
+    assert done.returncode == 0, done.stderr
+    recipe = done.stdout
     assert config_id(recipe) == CONFIG_ID
