@@ -60,11 +60,13 @@ def test_the_unet_with_its_adapters_is_one_graph(base, name, unet, tiny_sd_folde
 
 @pytest.mark.slow
 def test_dylora_and_module_dropout_break_the_graph_as_documented(unet):
-    """Their random rank or skip per step is a value the graph branches on; the docstring of `compile` says so."""
+    """Their random rank or skip per step is a value the graph branches on; the docstring of `compile` says so.
+    (On the middle block's layers only: every break is one more graph to compile.)"""
     for strategy, reasons in ((lycoris.DyLoRA(dim=4, block_size=2, preset="attn-mlp"), ("Tensor.item()",)),
                               (lycoris.LoRA(dim=4, module_dropout=0.1, preset="attn-mlp"),
                                ("Data-dependent branching", "generic_jump TensorVariable"))):
-        net = strategy.apply(unet, prefix="lora_unet")
+        net = strategy.apply(unet.mid_block, prefix="lora_unet_mid_block")
+        assert len(net.adapters()) >= 4
         try:
             breaks = graph_breaks(unet)
             assert breaks and all(any(reason in b for reason in reasons) for b in breaks), breaks
