@@ -33,12 +33,13 @@ is the median over rounds of its time over the floor's in the same round.
   2 cores; the ratios of the deep, wide levels (where SDXL's adapters sit) carry over, the first level's
   convolutions weigh less than at 1024².
 
-- ``bases``: the ``sd15`` UNet and cases with the frozen base stored three ways: ``float32`` (float32 compute),
-  ``bfloat16`` (weights in bf16, bf16 autocast) and ``int8`` (``lycoris.quantize_frozen``: int8 weights, one
-  scale per output channel, dequantised per layer into bf16; bf16 autocast) — the three models side by side,
-  all nine cases in one round-robin. Printed per case: seconds per step, **step / floor** (its own base's floor),
-  **step / bf16**: against the same case on the bf16 base, and **memory**: the base's weight bytes plus the
-  step's peak (as above), in MiB and against the float32 floor's. Needs torchao.
+- ``bases``: the ``sd15`` UNet and cases with the frozen base stored four ways: ``float32`` (float32 compute),
+  ``bfloat16`` (weights in bf16, bf16 autocast), ``int8`` and ``float8`` (``lycoris.quantize_frozen``: 8-bit
+  weights, one scale per output channel, dequantised per layer into bf16; bf16 autocast) — the four models side
+  by side, all twelve cases in one round-robin. Printed per case: seconds per step, **step / floor** (its own
+  base's floor), **step / bf16**: against the same case on the bf16 base, and **memory**: the base's weight
+  bytes plus the step's peak (as above), in MiB and against the float32 floor's; then how far each 8-bit
+  storage rounds the weights of this UNet and of the toy world's trained one. Needs torchao.
 
 A ratio of 1.30x means a training step costs 30% more than the forward and backward the frozen model needs
 anyway; absolute times depend on the machine, the ratios much less. On CPU other work on the machine skews
@@ -282,12 +283,12 @@ def print_unet(part: str, raw: dict[str, Any]) -> dict[str, dict[str, float]]:
     return ratios
 
 
-# -- the frozen base in float32, bf16 and int8 -----------------------------------------------------------------
-BASES = ("float32", "bfloat16", "int8")
+# -- the frozen base in float32, bf16, int8 and float8 ---------------------------------------------------------
+BASES = ("float32", "bfloat16", "int8", "float8")
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes the module's weights take: an 8-bit weight counts its int8 values and its scales."""
+    """Bytes the module's weights take: an 8-bit weight counts its 8-bit values and its scales."""
     def size(t: Tensor) -> int:
         parts = [t.qdata, t.scale] if hasattr(t, "qdata") else [t]
         return sum(p.numel() * p.element_size() for p in parts)
@@ -295,18 +296,44 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(size(p) for p in module.parameters())
 
 
+def rounding_errors(model: torch.nn.Module) -> dict[str, float]:
+    """‖W_stored − W‖ / ‖W‖ over every weight `quantize_frozen` stores, per 8-bit storage, from float32 weights."""
+    import copy
+
+    import lycoris
+    from lycoris.quantize import dense_weight
+
+    originals, errors = dict(model.named_modules()), {}
+    for kind in BASES[2:]:
+        stored = copy.deepcopy(model).float().requires_grad_(False)
+        lycoris.quantize_frozen(stored, kind)
+        error = size = 0.0
+        for name, layer in stored.named_modules():  # layer by layer: not a second float32 model
+            if isinstance(layer, lycoris.Quantized):
+                weight = originals[name].weight.float()
+                error += (dense_weight(layer).float() - weight).square().sum().item()
+                size += weight.square().sum().item()
+        errors[kind] = (error / size) ** 0.5
+    return errors
+
+
 def measure_bases(settings: bench.Settings, compile_unet: bool = False) -> dict[str, Any]:
     import lycoris
+    from lycoflow.toy import ToySD
 
     device = settings.device
+    # How far each storage rounds the weights: this UNet's (its seed-0 initialisation) and a trained one's; first,
+    # while the four models below do not take the memory.
+    rounding = {"SD 1.5-shaped UNet (initialisation)": rounding_errors(build_sd15_unet("cpu").root),
+                "toy world UNet (trained)": rounding_errors(ToySD().load().unet)}
     blocks, nets = {}, {}
     for base in BASES:
         block = build_sd15_unet(device)  # seed 0: the same weights each time
         block.root.requires_grad_(False).train()
         if base != "float32":
             block.root.to(torch.bfloat16)
-        if base == "int8":
-            lycoris.quantize_frozen(block.root)
+        if base in ("int8", "float8"):
+            lycoris.quantize_frozen(block.root, base)
         if compile_unet:
             block.root.compile()
         blocks[base] = block
@@ -339,7 +366,7 @@ def measure_bases(settings: bench.Settings, compile_unet: bool = False) -> dict[
     weights = {base: weight_bytes(block.root) for base, block in blocks.items()}
     peaks = bench.case_peaks(cases, step, device)
     return {"step_s": times, "total_bytes": {name: weights[name.split(" ")[0]] + peak for name, peak in peaks.items()},
-            "weight_bytes": weights}
+            "weight_bytes": weights, "rounding": rounding}
 
 
 def print_bases(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -357,6 +384,9 @@ def print_bases(raw: dict[str, Any]) -> dict[str, dict[str, float]]:
         ratios[name] = {"step": own, "step_vs_bf16": bf16, "memory": memory[name] / reference}
         print(f"{name:<18}{statistics.median(times[name]):>9.2f}{own:>12.2f}x{bf16:>11.2f}x"
               f"{memory[name] / 2**20:>13.0f}{ratios[name]['memory']:>13.2f}x", flush=True)
+    for model, errors in raw["rounding"].items():
+        print(f"rounding of the stored weights, ‖W_stored − W‖/‖W‖, {model}: "
+              + ", ".join(f"{kind} {error:.2%}" for kind, error in errors.items()))
     return ratios
 
 

@@ -80,12 +80,13 @@ class DiffusionFinetune(L.LightningModule):
         weight_dtype: storage dtype of the frozen UNet and text-encoder weights; bfloat16/float16 halve their
             memory (adapters stay float32; run the Trainer with ``precision: bf16-mixed``). The VAE stays
             float32: SD's VAE overflows in float16.
-        quantize_base: ``int8`` stores the frozen Linear and convolution weights of the UNet and text encoders in
-            8 bits (torchao's weight-only int8, one scale per output channel; ``pip install 'lycoflow[quantize]'``),
-            a quarter of their float32 memory, dequantised per layer as they run (into ``weight_dtype``).
+        quantize_base: ``int8`` or ``float8`` stores the frozen Linear and convolution weights of the UNet and text
+            encoders in 8 bits (torchao's weight-only int8, or float8 e4m3, one scale per output channel; ``pip
+            install 'lycoflow[quantize]'``), a quarter of their float32 memory, dequantised per layer as they run
+            (into ``weight_dtype``).
             Adapters add their terms on top; algorithms that rebuild the weight (LoHa, GLoRA, Full) build it from
             the dequantised W0 per layer, and DoRA's norms read it. The base then differs from the original by
-            int8 rounding, and the adapter is trained against that base (saved files are as always).
+            its rounding, and the adapter is trained against that base (saved files are as always).
         compile: ``torch.compile`` the UNet, the adapters inside it included: one graph for every algorithm (no
             break per layer), but DyLoRA and ``module_dropout``, whose random rank or skip per step ends the graph
             at each adapter. The first step compiles (and evaluation's sampling once more), which takes minutes.
@@ -123,7 +124,7 @@ class DiffusionFinetune(L.LightningModule):
                 raise ValueError(f"model.{name}={rate} must be > 0 (the paper: 5e-4 for adapters, 1e-6 for native "
                                  "fine-tuning); to freeze the text encoder set model.train_text_encoder=false")
         if quantize_base is not None:  # before the base model loads: a missing torchao is said at once
-            lycoris.quantize.int8_storage(quantize_base)
+            lycoris.quantize.storage(quantize_base)
         parts = base.load()
         self.base_source, self.adapter = base, adapter
         self.base_version = parts.version
@@ -154,7 +155,7 @@ class DiffusionFinetune(L.LightningModule):
             for part in (self.unet, self.text_encoder, self.text_encoder_2):
                 if part is not None:
                     lycoris.quantize_frozen(part, quantize_base)
-            # DDP broadcasts every parameter from rank 0 at the start, which an int8 tensor cannot take part in;
+            # DDP broadcasts every parameter from rank 0 at the start, which an 8-bit tensor cannot take part in;
             # each rank built the same frozen base anyway.
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self, [
                 f"{name}.weight" for name, layer in self.named_modules() if isinstance(layer, lycoris.Quantized)])

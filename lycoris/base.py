@@ -176,7 +176,7 @@ class Adapter(nn.Module):
     # -- merge ----------------------------------------------------------------------------------------
     def _check_mergeable(self) -> None:
         if isinstance(self.base, Quantized):
-            raise ValueError(f"{self.name}: cannot merge into a base stored in 8 bits (an int8 weight cannot hold "
+            raise ValueError(f"{self.name}: cannot merge into a base stored in 8 bits (an 8-bit weight cannot hold "
                              "W0 + ΔW); keep the adapter attached, or merge into the full-precision model")
 
     @torch.no_grad()

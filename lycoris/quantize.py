@@ -1,8 +1,12 @@
 """A frozen base stored in 8 bits: `quantize_frozen` keeps the weights of a model's frozen Linear and convolution
-layers as int8 with one scale per output channel (torchao's ``Int8Tensor``), and adapters compute on top of them.
+layers in one byte each with one scale per output channel, through torchao: ``int8`` (``Int8Tensor``, symmetric:
+each weight one of 255 steps of its channel's largest) or ``float8`` (``Float8Tensor``, e4m3: a 3-bit mantissa
+per weight, finer than int8 for the small weights of a channel, coarser for the large ones). Both are weight
+storage only: the layer computes in the activations' dtype, on any hardware (no fp8 matmul, which would round
+the activations too).
 
 Memory is the point, so no full-precision copy of a quantized weight outlives the layer's call: the layer's op is
-an autograd function that keeps only the int8 weight for backward and dequantises it again there for the input
+an autograd function that keeps only the 8-bit weight for backward and dequantises it again there for the input
 gradient (autograd through a dequantised weight would keep every layer's full-precision copy until backward,
 which is what torchao's own ``F.linear`` does). Forward and backward dequantise the weight per call into the
 activations' dtype (what torchao's weight-only matmul does inside; it has no convolution).
@@ -12,7 +16,7 @@ through reshapes, OFT/BOFT by rotated outputs, (IA)³ — call the quantized op 
 (tests/test_quantize.py checks that they keep no dense weight); the algorithms that rebuild the weight (LoHa,
 GLoRA, Full, the rebuilt paths of the others, chosen by their cost models) dequantise W0 per layer on the fly into
 the weight they build, which, as without quantization, is kept for backward; DoRA's norms need W0 itself, so its
-layers keep their dequantised W0 for backward. Merging into a quantized base is refused: an int8 weight cannot
+layers keep their dequantised W0 for backward. Merging into a quantized base is refused: an 8-bit weight cannot
 hold W0 + ΔW.
 """
 
@@ -25,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-#: How a frozen base may be stored: int8 weight-only with per-output-channel scales.
-Quantization = Literal["int8"]
+#: How a frozen base may be stored, weight-only with one scale per output channel: int8 or float8 (e4m3).
+Quantization = Literal["int8", "float8"]
 
 
 class Quantized(nn.Module):
@@ -46,13 +50,16 @@ def dense_weight(layer: nn.Module, dtype: torch.dtype | None = None) -> Tensor:
     weight = layer.weight
     if not isinstance(layer, Quantized):
         return weight
+    dtype = dtype or weight.dtype
+    if weight.qdata.is_floating_point():  # float8 takes part in no type promotion: cast, then scale in place
+        return weight.qdata.to(dtype).mul_(weight.scale.to(dtype))
     # Symmetric int8 (zero point 0): int8 × a floating scale promotes to the scale's dtype in one pass, where
     # torchao's general dequantize takes several (measured: the int8 base's step 4.7× the bf16 one with it).
-    return weight.qdata * weight.scale.to(dtype or weight.dtype)
+    return weight.qdata * weight.scale.to(dtype)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the layer's op computes in: autocast's where it is on (one cast of the int8 weight, not two)."""
+    """The dtype the layer's op computes in: autocast's where it is on (one cast of the 8-bit weight, not two)."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
@@ -96,29 +103,33 @@ class QuantizedConv2d(Quantized, nn.Conv2d):
 _QUANTIZED = {nn.Linear: QuantizedLinear, nn.Conv1d: QuantizedConv1d, nn.Conv2d: QuantizedConv2d}
 
 
-def int8_storage(quantization: Quantization) -> Callable[[Tensor], Tensor]:
-    """How ``quantization`` stores a weight (torchao's symmetric int8, one scale per output channel), or a message
-    that says what to install or choose; callers check it before loading a model."""
-    if quantization != "int8":
-        raise ValueError(f"quantization={quantization!r}: lycoris stores a frozen base as 'int8' (weight-only, one "
-                         "scale per output channel)")
+def storage(quantization: Quantization) -> Callable[[Tensor], Tensor]:
+    """How ``quantization`` stores a weight (one scale per output channel), or a message that says what to install
+    or choose; callers check it before loading a model."""
+    if quantization not in ("int8", "float8"):
+        raise ValueError(f"quantization={quantization!r}: lycoris stores a frozen base as 'int8' or 'float8' "
+                         "(weight-only, one scale per output channel)")
     try:
-        from torchao.quantization import Int8Tensor
+        from torchao.quantization import Float8Tensor, Int8Tensor
         from torchao.quantization.granularity import PerAxis
     except ImportError as error:
         raise ImportError("an 8-bit frozen base needs torchao: pip install 'lycoflow[quantize]' (or torchao)") \
             from error
-    return lambda weight: Int8Tensor.from_hp(weight, PerAxis(0))
+    if quantization == "int8":
+        return lambda weight: Int8Tensor.from_hp(weight, PerAxis(0))
+    # The lower bound on a channel's largest weight: torchao's float8 scale of an all-zero channel is 0, and its
+    # weights 0/0 = NaN (int8's scale has a floor of its own).
+    return lambda weight: Float8Tensor.from_hp(weight, torch.float8_e4m3fn, PerAxis(0), hp_value_lb=1e-12)
 
 
 def quantize_frozen(model: nn.Module, quantization: Quantization = "int8") -> int:
-    """Store the weights of ``model``'s frozen Linear and (zero-padded) convolution layers in 8 bits, in place,
-    before adapters are attached; returns how many layers were quantized. Layers of other types (norms,
-    embeddings), subclasses of these, and layers with a trainable weight stay as they are. The dequantised
-    dtype is the weight's dtype before (``weight_dtype``).
+    """Store the weights of ``model``'s frozen Linear and (zero-padded) convolution layers in 8 bits (``int8`` or
+    ``float8``), in place, before adapters are attached; returns how many layers were quantized. Layers of other
+    types (norms, embeddings), subclasses of these, and layers with a trainable weight stay as they are. The
+    dequantised dtype is the weight's dtype before (``weight_dtype``).
 
     Needs torchao (``pip install 'lycoflow[quantize]'``)."""
-    store = int8_storage(quantization)
+    store = storage(quantization)
     count = 0
     for layer in model.modules():
         kind = _QUANTIZED.get(type(layer))

@@ -23,11 +23,12 @@ STRATEGIES = {
     "Full": lambda: lycoris.Full(preset="attn-mlp"),
     "dropouts": lambda: lycoris.LoRA(dim=4, dropout=0.1, rank_dropout=0.1, preset="attn-mlp"),
 }
-#: Run by default; the rest with the slow tests. On the 8-bit base (its op is the same under every algorithm): LoRA,
-#: and DoRA, which reads the dequantised W0.
+#: Run by default; the rest with the slow tests. On the 8-bit bases (their op is the same under every algorithm):
+#: LoRA, and on int8 DoRA, which reads the dequantised W0.
 QUICK = ("LoRA", "IA3")
 CASES = [pytest.param("float32", n, marks=[] if n in QUICK else pytest.mark.slow) for n in STRATEGIES] + [
-    pytest.param("int8", n, marks=pytest.mark.slow) for n in ("LoRA", "DoRA")]
+    pytest.param(base, n, marks=pytest.mark.slow) for base, n in (("int8", "LoRA"), ("int8", "DoRA"),
+                                                                   ("float8", "LoRA"))]
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,10 @@ def graph_breaks(unet: torch.nn.Module) -> list[str]:
 
 @pytest.mark.parametrize(("base", "name"), CASES)
 def test_the_unet_with_its_adapters_is_one_graph(base, name, unet, tiny_sd_folder):
-    if base == "int8":
+    if base != "float32":
         pytest.importorskip("torchao")
         unet = TinySD(folder=tiny_sd_folder).load().unet.requires_grad_(False).train()
-        lycoris.quantize_frozen(unet)
+        lycoris.quantize_frozen(unet, base)
     net = STRATEGIES[name]().apply(unet, prefix="lora_unet")
     try:
         assert graph_breaks(unet) == []

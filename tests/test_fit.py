@@ -19,6 +19,7 @@ from lycoflow.cli import main
 from lycoflow.lightning_cli import run_lightning
 from lycoflow.module import DiffusionFinetune
 from lycoflow.tiny import TinySD
+from lycoris.rotation import RowRotation
 
 #: Whole recipes; `toy-world.yaml` and `sdxl.yaml` are overlays for them (tests/test_toy_world.py and
 #: tests/test_sdxl.py instantiate each over every recipe).
@@ -199,6 +200,37 @@ def test_resume_after_a_crash_continues_exactly(adapter, tiny, tmp_path, caplog)
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+#: The factored paths, forced on every adapted layer (their cost models choose per layer and call): OFT's and BOFT's
+#: rotated outputs, DoRA through its factors.
+FACTORED = {
+    "oft": (["--model.adapter=lycoris.OFT", "--model.adapter.init_args.dim=4"],
+            (RowRotation, "_bypass_cheaper")),
+    "boft": (["--model.adapter=lycoris.BOFT", "--model.adapter.init_args.dim=4"],
+             (RowRotation, "_bypass_cheaper")),
+    "dora": (["--model.adapter=lycoris.LoRA", "--model.adapter.init_args.dim=4",
+              "--model.adapter.init_args.weight_decompose=true"], (lycoris.LoRAAdapter, "_factors_cheaper")),
+}
+
+
+@pytest.mark.parametrize("name", FACTORED)
+def test_resume_on_the_factored_paths_continues_exactly(name, tiny, tmp_path, monkeypatch):
+    adapter, choice = FACTORED[name]
+    chosen = []
+    monkeypatch.setattr(*choice, lambda self, x: chosen.append(self.name) or True)
+    opts = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
+            "--trainer.logger=false", "--trainer.callbacks=[{class_path: callbacks.RunCheckpoint}]",
+            "--model.train_text_encoder=false", *adapter)
+    straight = fit("recipes/tiny.yaml", tiny, tmp_path / "straight", *opts)
+    assert len(set(chosen)) > 4
+    fit("recipes/tiny.yaml", tiny, tmp_path / "resumed", *opts, "--trainer.max_epochs=1")
+    resumed = fit("recipes/tiny.yaml", tiny, tmp_path / "resumed", *opts, "--ckpt_path=last")
+    assert resumed.trainer.global_step == straight.trainer.global_step == 4
+    a, b = straight.model.trainable_state_dict(), resumed.model.trainable_state_dict()
+    assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "oft" in k or "up" in k)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("mode", ["no-key", "online-fails", "disabled"])

@@ -1,6 +1,7 @@
-"""An 8-bit frozen base (`lycoris.quantize_frozen`, `model.quantize_base: int8`): every algorithm on it computes what
-it computes on a full-precision base holding the dequantised weights (outputs and every gradient), no
-full-precision copy of a quantized weight is kept for backward, and a fit on it trains, saves and resumes exactly."""
+"""An 8-bit frozen base (`lycoris.quantize_frozen`, `model.quantize_base: int8 | float8`): every algorithm on it
+computes what it computes on a full-precision base holding the dequantised weights (outputs and every gradient),
+no full-precision copy of a quantized weight is kept for backward, and a fit on it trains, saves and resumes
+exactly; for both storages."""
 
 import os
 import subprocess
@@ -31,10 +32,13 @@ class Layers(nn.Module):
         return self.seq(h.transpose(1, 2))
 
 
-def quantized_and_dense(seed: int = 0) -> tuple[Layers, Layers]:
+KINDS = ("int8", "float8")
+
+
+def quantized_and_dense(kind: str, seed: int = 0) -> tuple[Layers, Layers]:
     torch.manual_seed(seed)
     quantized = Layers().requires_grad_(False)
-    assert lycoris.quantize_frozen(quantized) == 3
+    assert lycoris.quantize_frozen(quantized, kind) == 3
     dense = Layers().requires_grad_(False)
     with torch.no_grad():
         for name in ("conv", "lin", "seq"):
@@ -57,9 +61,10 @@ STRATEGIES = {
 }
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_every_algorithm_on_the_8bit_base_computes_as_on_the_dequantised_one(name):
-    quantized, dense = quantized_and_dense()
+def test_every_algorithm_on_the_8bit_base_computes_as_on_the_dequantised_one(name, kind):
+    quantized, dense = quantized_and_dense(kind)
     torch.manual_seed(1)
     on_quantized = STRATEGIES[name]().apply(quantized, prefix="x")
     on_dense = STRATEGIES[name]().apply(dense, prefix="x")
@@ -89,23 +94,29 @@ FACTORED = {"LoRA": None, "IA3": None, "LoKr": (lycoris.LoKrAdapter, "_cheaper_b
             "OFT": (lycoris.OFTAdapter, "_bypass_cheaper")}
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("name", FACTORED)
-def test_the_base_is_stored_in_int8_near_its_weights_and_the_factored_paths_keep_no_dense_copy(name, monkeypatch):
+def test_the_base_is_stored_in_8bits_near_its_weights_and_the_factored_paths_keep_no_dense_copy(name, kind,
+                                                                                                 monkeypatch):
     torch.manual_seed(0)
     original = Layers().requires_grad_(False)
     quantized = Layers().requires_grad_(False)
     quantized.load_state_dict(original.state_dict())
-    lycoris.quantize_frozen(quantized)
+    lycoris.quantize_frozen(quantized, kind)
     assert (type(quantized.conv), type(quantized.lin), type(quantized.seq)) == (
         QuantizedConv2d, QuantizedLinear, QuantizedConv1d)
     for layer in ("conv", "lin", "seq"):
         weight, reference = getattr(quantized, layer).weight, getattr(original, layer).weight
-        assert weight.qdata.dtype == torch.int8 and weight.shape == reference.shape
+        assert weight.qdata.dtype == {"int8": torch.int8, "float8": torch.float8_e4m3fn}[kind]
+        assert weight.shape == reference.shape and weight.dtype == reference.dtype
         assert weight.scale.numel() == reference.shape[0]  # one scale per output channel
-        # Symmetric rounding to 255 levels per row: at most half a step off.
-        step = reference.abs().flatten(1).amax(1) / 127
-        error = (dense_weight(getattr(quantized, layer)) - reference).abs().flatten(1).amax(1)
-        assert torch.all(error <= step / 2 + 1e-7) and torch.all(error > 0)
+        error = (dense_weight(getattr(quantized, layer)) - reference).abs()
+        largest = reference.abs().flatten(1).amax(1).view(-1, *[1] * (reference.dim() - 1))
+        if kind == "int8":  # symmetric rounding to 255 levels per channel: at most half a step off
+            bound = largest / 127 / 2 + 1e-7
+        else:  # e4m3 below the channel's largest, 448: 3 mantissa bits (half a step 2^-4 of the weight), and
+            bound = reference.abs() / 16 + largest / 448 * 2.0 ** -10  # steps of 2^-9 below its normal range
+        assert torch.all(error <= bound) and error.sum() > 0
 
     if FACTORED[name] is not None:
         monkeypatch.setattr(*FACTORED[name], lambda self, x: True)
@@ -127,8 +138,8 @@ def test_what_is_not_a_frozen_zero_padded_layer_stays_and_merging_is_refused(tmp
     model[0].weight.requires_grad_(True)  # trainable: left alone
     assert lycoris.quantize_frozen(model) == 1
     assert [type(m) for m in model] == [nn.Linear, nn.Conv2d, nn.LayerNorm, QuantizedLinear]
-    with pytest.raises(ValueError, match="quantization='float8'.*'int8'"):
-        lycoris.quantize_frozen(model, "float8")
+    with pytest.raises(ValueError, match="quantization='int4'.*'int8' or 'float8'"):
+        lycoris.quantize_frozen(model, "int4")
 
     net = lycoris.LoRA(dim=2).apply(model, prefix="x")
     with pytest.raises(ValueError, match=r"x_3: cannot merge into a base stored in 8 bits"):
@@ -141,10 +152,11 @@ def test_what_is_not_a_frozen_zero_padded_layer_stays_and_merging_is_refused(tmp
         lycoris.merge_into({"x": model}, [(tmp_path / "a.safetensors", 1.0)])
 
 
-def test_a_fit_on_an_8bit_base_trains_saves_and_resumes_exactly(tiny, tmp_path):
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_fit_on_an_8bit_base_trains_saves_and_resumes_exactly(kind, tiny, tmp_path):
     opts = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
             "--trainer.logger=false", "--trainer.callbacks=[{class_path: callbacks.RunCheckpoint}]",
-            "--model.quantize_base=int8", "--data.init_args.caption_dropout=0.3")
+            f"--model.quantize_base={kind}", "--data.init_args.caption_dropout=0.3")
 
     def fit(run, *extra):
         return run_lightning(["fit", "recipes/tiny.yaml", *tiny, f"--trainer.default_root_dir={tmp_path / run}",
@@ -167,11 +179,27 @@ def test_a_fit_on_an_8bit_base_trains_saves_and_resumes_exactly(tiny, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_the_encoding_cache_key_of_a_quantized_encoder_is_that_of_its_dequantised_weights():
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_encoding_cache_key_of_a_quantized_encoder_is_that_of_its_dequantised_weights(kind):
     from lycoflow.data.encodings import module_digest
 
-    original, (quantized, dense) = Layers(), quantized_and_dense()
+    original, (quantized, dense) = Layers(), quantized_and_dense(kind)
     assert module_digest(quantized, "x") == module_digest(dense, "x") != module_digest(original, "x")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_channel_of_zeros_or_of_tiny_weights_stays_finite(kind):
+    """torchao's float8 scale of an all-zero channel is 0 (and its weights 0/0) unless bounded below."""
+    layer = nn.Linear(8, 3).requires_grad_(False)
+    with torch.no_grad():
+        layer.weight[0] = 0
+        layer.weight[1] *= 1e-6
+    reference = layer.weight.clone()
+    lycoris.quantize_frozen(layer, kind)
+    weight = dense_weight(layer)
+    assert torch.isfinite(weight).all() and torch.equal(weight[0], torch.zeros(8))
+    torch.testing.assert_close(weight[2], reference[2], rtol=0.07, atol=0)
+    assert torch.isfinite(layer(torch.randn(2, 8))).all()
 
 
 def test_without_torchao_the_cli_says_what_to_install(tiny, tmp_path, monkeypatch, capsys):
