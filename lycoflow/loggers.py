@@ -147,7 +147,10 @@ class WandbLogger(_WandbLogger):
     def finalize(self, status: str) -> None:
         super().finalize(status)
         run = self._experiment
-        if run is None or isinstance(run, _Null) or self.disabled:
+        if run is None or isinstance(run, _Null):
+            return
+        if self.disabled:  # unfinished, it stays wandb.run, which the next logger in this process would take over
+            run.finish()
             return
         # wandb may itself have gone offline (no key, no terminal to ask for one): ask the run.
         folder, url, offline = Path(run.dir).parent, run.url, getattr(run, "offline", self._offline)
