@@ -202,21 +202,24 @@ def test_resume_after_a_crash_continues_exactly(adapter, tiny, tmp_path, caplog)
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
-#: The factored paths, forced on every adapted layer (their cost models choose per layer and call): OFT's and BOFT's
-#: rotated outputs, DoRA through its factors.
+#: The factored paths, forced on every adapted layer (their cost models choose per layer and call): LoKr through
+#: reshapes (the tiny recipe's LoKr), OFT's and BOFT's rotated outputs, DoRA through its factors; with the
+#: parameter each starts at zero, which training must move.
 FACTORED = {
+    "lokr": ([], (lycoris.LoKrAdapter, "_cheaper_by_reshape"), "lokr_w2"),
     "oft": (["--model.adapter=lycoris.OFT", "--model.adapter.init_args.dim=4"],
-            (RowRotation, "_bypass_cheaper")),
+            (RowRotation, "_bypass_cheaper"), "oft_blocks"),
     "boft": (["--model.adapter=lycoris.BOFT", "--model.adapter.init_args.dim=4"],
-             (RowRotation, "_bypass_cheaper")),
+             (RowRotation, "_bypass_cheaper"), "oft_blocks"),
     "dora": (["--model.adapter=lycoris.LoRA", "--model.adapter.init_args.dim=4",
-              "--model.adapter.init_args.weight_decompose=true"], (lycoris.LoRAAdapter, "_factors_cheaper")),
+              "--model.adapter.init_args.weight_decompose=true"], (lycoris.LoRAAdapter, "_factors_cheaper"),
+             "lora_up.weight"),
 }
 
 
 @pytest.mark.parametrize("name", FACTORED)
 def test_resume_on_the_factored_paths_continues_exactly(name, tiny, tmp_path, monkeypatch):
-    adapter, choice = FACTORED[name]
+    adapter, choice, zero_init = FACTORED[name]
     chosen = []
     monkeypatch.setattr(*choice, lambda self, x: chosen.append(self.name) or True)
     opts = ("--trainer.max_epochs=2", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=0",
@@ -228,7 +231,8 @@ def test_resume_on_the_factored_paths_continues_exactly(name, tiny, tmp_path, mo
     resumed = fit("recipes/tiny.yaml", tiny, tmp_path / "resumed", *opts, "--ckpt_path=last")
     assert resumed.trainer.global_step == straight.trainer.global_step == 4
     a, b = straight.model.trainable_state_dict(), resumed.model.trainable_state_dict()
-    assert a.keys() == b.keys() and any(t.abs().sum() > 0 for k, t in a.items() if "oft" in k or "up" in k)
+    moved = [t.abs().sum() > 0 for k, t in a.items() if k.endswith(zero_init)]
+    assert a.keys() == b.keys() and moved and all(moved)
     for key in a:
         assert torch.equal(a[key], b[key]), key
 
