@@ -23,7 +23,7 @@ hold W0 + ΔW.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +106,7 @@ _QUANTIZED = {nn.Linear: QuantizedLinear, nn.Conv1d: QuantizedConv1d, nn.Conv2d:
 def storage(quantization: Quantization) -> Callable[[Tensor], Tensor]:
     """How ``quantization`` stores a weight (one scale per output channel), or a message that says what to install
     or choose; callers check it before loading a model."""
-    if quantization not in ("int8", "float8"):
+    if quantization not in get_args(Quantization):
         raise ValueError(f"quantization={quantization!r}: lycoris stores a frozen base as 'int8' or 'float8' "
                          "(weight-only, one scale per output channel)")
     try:
