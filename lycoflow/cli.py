@@ -84,17 +84,21 @@ def _condense(message: str) -> str:
 _OURS = tuple(str(Path(__file__).resolve().parent.parent / name) for name in ("lycoris", "callbacks", "lycoflow"))
 
 
+#: Errors raised for the user: lycoflow's own about base models, a full disk, metric encoders; Lightning's
+#: configuration check.
+_USER_ERROR_CLASSES = (("lycoflow.models", "BaseModelError"), ("lycoflow.cache", "DiskFullError"),
+                       ("lycoflow.metrics.encoders", "EncoderError"),
+                       ("lightning.fabric.utilities.exceptions", "MisconfigurationException"))
+
+
 def _user_error(err: BaseException) -> bool:
     """Whether ``err`` is a message written for the user — a configuration or input error raised by lycoflow's own
     code (a bad value, a missing file) or by Lightning's configuration check — rather than a failure deep in a
     library, whose traceback helps."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from .cache import DiskFullError
-    from .metrics.encoders import EncoderError
-    from .models import BaseModelError
-
-    if isinstance(err, (BaseModelError, DiskFullError, EncoderError, MisconfigurationException)):
+    # Only an error class whose module is imported can have been raised: importing the others (Lightning, the
+    # metric encoders) would cost a light command (sweep, analyze) ~10 s before its one-line message.
+    classes = tuple(getattr(sys.modules[module], name) for module, name in _USER_ERROR_CLASSES if module in sys.modules)
+    if isinstance(err, classes):
         return True
     # ImportError: an optional extra that is not installed, named with its pip command where lycoflow raises it.
     if not isinstance(err, (FileNotFoundError, NotADirectoryError, ValueError, ImportError)):

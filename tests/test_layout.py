@@ -123,9 +123,13 @@ def test_moved_module_names_are_the_new_modules():
         assert importlib.import_module(old) is importlib.import_module(new)
 
 
-def test_help_imports_none_of_the_heavy_stack():
+@pytest.mark.parametrize("argv", [["--help"], ["sweep", "no-such-sweep.yaml", "--list"]], ids=["help", "sweep-error"])
+def test_help_and_a_light_commands_error_import_none_of_the_heavy_stack(argv):
+    # A mistyped sweep file is said at once: deciding that an error is the user's imports nothing heavy.
     code = ("import sys, contextlib, io\nfrom lycoflow.cli import main\n"
-            "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:\n"
+            f"    code = main({argv!r})\n"
             "heavy = [m for m in ('torch', 'lightning', 'diffusers', 'transformers') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
+            "assert not heavy, heavy\n"
+            f"assert code == {0 if argv == ['--help'] else 2}, (code, err.getvalue())\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
