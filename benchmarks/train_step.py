@@ -64,11 +64,13 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import lightning as L
 import torch
 from torch import Tensor
+
+from lycoris.quantize import Quantization
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is a folder of scripts, not a package
 import adapters as bench  # noqa: E402
@@ -284,7 +286,8 @@ def print_unet(part: str, raw: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 
 # -- the frozen base in float32, bf16, int8 and float8 ---------------------------------------------------------
-BASES = ("float32", "bfloat16", "int8", "float8")
+EIGHT_BIT = get_args(Quantization)  # int8, float8
+BASES = ("float32", "bfloat16", *EIGHT_BIT)
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
@@ -304,7 +307,7 @@ def rounding_errors(model: torch.nn.Module) -> dict[str, float]:
     from lycoris.quantize import dense_weight
 
     originals, errors = dict(model.named_modules()), {}
-    for kind in BASES[2:]:
+    for kind in EIGHT_BIT:
         stored = copy.deepcopy(model).float().requires_grad_(False)
         lycoris.quantize_frozen(stored, kind)
         error = size = 0.0
@@ -332,7 +335,7 @@ def measure_bases(settings: bench.Settings, compile_unet: bool = False) -> dict[
         block.root.requires_grad_(False).train()
         if base != "float32":
             block.root.to(torch.bfloat16)
-        if base in ("int8", "float8"):
+        if base in EIGHT_BIT:
             lycoris.quantize_frozen(block.root, base)
         if compile_unet:
             block.root.compile()
