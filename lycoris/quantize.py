@@ -2,8 +2,8 @@
 layers in one byte each with one scale per output channel, through torchao: ``int8`` (``Int8Tensor``, symmetric:
 each weight one of 255 steps of its channel's largest) or ``float8`` (``Float8Tensor``, e4m3: a 3-bit mantissa
 per weight, finer than int8 for the small weights of a channel, coarser for the large ones). Both are weight
-storage only: the layer computes in the activations' dtype, on any hardware (no fp8 matmul, which would round
-the activations too).
+storage only: the layer computes in the activations' dtype, so neither needs fp8 hardware (no fp8 matmul, which
+would round the activations too).
 
 Memory is the point, so no full-precision copy of a quantized weight outlives the layer's call: the layer's op is
 an autograd function that keeps only the 8-bit weight for backward and dequantises it again there for the input
